@@ -1,0 +1,78 @@
+"""The ``[coda]`` config section.
+
+Load it with ``[job] custom_config_module = "coda_titan.config"``; TorchTitan
+merges this ``JobConfig`` into its own, so ``--coda.backend=reference`` works
+on the command line too. Every value is checked when the config is built: a
+bad one fails at start-up with a message naming the key and what it allows.
+"""
+
+from dataclasses import dataclass, field, fields
+
+from .backend import BACKENDS
+
+FP8_MODES = ("none", "torchao")
+
+
+@dataclass
+class Coda:
+    fuse_norm_qkv_rope: bool = True
+    """attention_norm + wq/wk/wv + RoPE as one op (deferred rstd, ZdZ backward)."""
+
+    fuse_wo_residual: bool = True
+    """wo + residual add, also producing the next norm's sum of squares."""
+
+    fuse_norm_swiglu_mlp: bool = True
+    """ffn_norm + w1/w3 + SwiGLU + w2 + residual add as one op."""
+
+    fuse_norm_output_loss: bool = True
+    """final norm + output + cross-entropy, chunked: no M x V logits. Needs a
+    train spec whose loss understands it (``[model] name = "coda_llama3"``)."""
+
+    backend: str = "auto"
+    """``auto`` (CuTe DSL kernels on SM90, else reference) | ``cutedsl`` | ``reference``."""
+
+    fp8: str = "none"
+    """``none``: everything bf16. ``torchao``: fusions in bf16, and the linears
+    CODA does not fuse run TorchTitan's float8 converter (list
+    ``quantize.linear.float8`` after ``coda`` in ``[model] converters``)."""
+
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the fused loss; peak memory ~ chunk x vocab x 4 bytes."""
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) is not f.type:
+                raise ValueError(f"[coda] {f.name} = {value!r} must be a {f.type.__name__}")
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"[coda] backend = {self.backend!r} is not valid; "
+                f"allowed values: {', '.join(BACKENDS)}"
+            )
+        if self.fp8 not in FP8_MODES:
+            raise ValueError(
+                f"[coda] fp8 = {self.fp8!r} is not valid; allowed values: {', '.join(FP8_MODES)}"
+            )
+        if self.loss_chunk_tokens < 1:
+            raise ValueError(
+                f"[coda] loss_chunk_tokens = {self.loss_chunk_tokens} must be >= 1"
+            )
+
+
+def check_coda_section(section: dict) -> None:
+    """Fail on unknown ``[coda]`` keys, naming them and the allowed keys.
+
+    TorchTitan rejects unknown keys too, but without the list of valid ones.
+    """
+    allowed = [f.name for f in fields(Coda)]
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) in [coda]: {', '.join(unknown)}; allowed keys: {', '.join(allowed)}"
+        )
+    Coda(**section)
+
+
+@dataclass
+class JobConfig:
+    coda: Coda = field(default_factory=Coda)

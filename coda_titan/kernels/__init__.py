@@ -1,0 +1,40 @@
+"""Fused CODA ops: the PyTorch reference of each GEMM-epilogue program.
+
+One op per module, forward and backward together, the math in its docstring.
+``ops_for(backend)`` returns the implementation a layer should call; the
+reference is also the CPU fallback.
+"""
+
+from types import SimpleNamespace
+
+from .linear_residual_sumsq import linear_residual_sumsq
+from .rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy
+from .rmsnorm_qkv_rope import rmsnorm_qkv_rope, rope_tables
+from .rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp
+
+__all__ = [
+    "linear_residual_sumsq",
+    "ops_for",
+    "rmsnorm_linear_cross_entropy",
+    "rmsnorm_qkv_rope",
+    "rmsnorm_swiglu_mlp",
+    "rope_tables",
+]
+
+REFERENCE = SimpleNamespace(
+    rmsnorm_qkv_rope=rmsnorm_qkv_rope,
+    linear_residual_sumsq=linear_residual_sumsq,
+    rmsnorm_swiglu_mlp=rmsnorm_swiglu_mlp,
+    rmsnorm_linear_cross_entropy=rmsnorm_linear_cross_entropy,
+)
+
+
+def ops_for(backend: str) -> SimpleNamespace:
+    """The op implementations for a resolved backend (``reference`` or ``cutedsl``)."""
+    if backend == "reference":
+        return REFERENCE
+    if backend == "cutedsl":
+        from . import cutedsl
+
+        return cutedsl.OPS
+    raise ValueError(f"unknown CODA backend {backend!r}; expected 'reference' or 'cutedsl'")

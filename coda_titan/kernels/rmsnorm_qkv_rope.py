@@ -1,0 +1,111 @@
+"""attention_norm + wq/wk/wv + RoPE as one op.
+
+Forward, with ``W = [Wq; Wk; Wv]`` and norm weight ``g`` folded in::
+
+    r = rsqrt(mean(x**2) + eps)
+    z = r * (x @ (W * g).T)                      # deferred rstd
+    q = R(z_q),  k = R(z_k),  v = z_v            # RoPE on (even, odd) pairs
+
+``R`` rotates each interleaved pair ``(a, b)`` of a head by the position's
+angle: ``(a cos - b sin, a sin + b cos)``, as TorchTitan's complex
+``freqs_cis`` does. Backward: ``dz_q = R^T(dq)``, ``dz_k = R^T(dk)``, and since
+``R`` is orthogonal ``c = sum z*dz = sum(q*dq) + sum(k*dk) + sum(v*dv)``: the
+pre-RoPE projections are never saved. The RMSNorm backward then finishes in
+the dgrad GEMM (see ``deferred_rmsnorm``).
+"""
+
+import torch
+
+from .deferred_rmsnorm import (
+    acc_dtype,
+    deferred_norm_linear,
+    fold_norm_weight,
+    normalized_input,
+    rmsnorm_input_grad,
+    row_sumsq,
+    rstd_from_sumsq,
+    unfold_weight_grads,
+)
+
+
+def rope_tables(
+    freqs_cis: torch.Tensor,
+    batch: int,
+    seqlen: int,
+    positions: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(cos, sin)``, each ``(batch * seqlen, head_dim // 2)``.
+
+    ``positions`` follows TorchTitan: None (0..seqlen-1), shape (1, seqlen)
+    shared by the batch, or (batch, seqlen).
+    """
+    if positions is None:
+        table = freqs_cis[:seqlen].expand(batch, -1, -1)
+    else:
+        table = freqs_cis[positions].expand(batch, -1, -1)
+    table = table.reshape(batch * seqlen, -1)
+    acc = acc_dtype(dtype)
+    return table.real.to(acc), table.imag.to(acc)
+
+
+def rotate(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False):
+    """Apply ``R`` (or ``R^T``) to ``z`` (M, heads * head_dim) in place of pairs."""
+    m = z.shape[0]
+    pairs = z.reshape(m, -1, cos.shape[-1], 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    if inverse:
+        s = -s
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).reshape(m, -1)
+
+
+class RMSNormQKVRoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, wq, wk, wv, cos, sin, eps):
+        rstd = rstd_from_sumsq(row_sumsq(x), x.shape[-1], eps)
+        weight = torch.cat((wq, wk, wv))
+        z = deferred_norm_linear(x, rstd, fold_norm_weight(weight, norm_weight))
+        nq, nk = wq.shape[0], wk.shape[0]
+        q = rotate(z[:, :nq], cos, sin).to(weight.dtype)
+        k = rotate(z[:, nq : nq + nk], cos, sin).to(weight.dtype)
+        v = z[:, nq + nk :].to(weight.dtype)
+        ctx.save_for_backward(x, rstd, norm_weight, weight, cos, sin, q, k, v)
+        ctx.splits = (nq, nk, wv.shape[0])
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        x, rstd, norm_weight, weight, cos, sin, q, k, v = ctx.saved_tensors
+        acc = rstd.dtype
+        dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
+        zdz = (
+            (dq * q.to(acc)).sum(-1)
+            + (dk * k.to(acc)).sum(-1)
+            + (dv * v.to(acc)).sum(-1)
+        )
+        dz = torch.cat(
+            (rotate(dq, cos, sin, inverse=True), rotate(dk, cos, sin, inverse=True), dv),
+            dim=-1,
+        ).to(weight.dtype)
+        folded = fold_norm_weight(weight, norm_weight)
+        dx = rmsnorm_input_grad(dz, x, rstd, folded, zdz)
+        dweight, dnorm = unfold_weight_grads(
+            dz.t() @ normalized_input(x, rstd, weight.dtype), weight, norm_weight
+        )
+        dwq, dwk, dwv = dweight.split(ctx.splits)
+        return dx, dnorm, dwq, dwk, dwv, None, None, None
+
+
+def rmsnorm_qkv_rope(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` (M, D) -> post-RoPE ``q`` (M, Hq*hd), ``k`` (M, Hkv*hd), ``v`` (M, Hkv*hd)."""
+    return RMSNormQKVRoPE.apply(x, norm_weight, wq, wk, wv, cos, sin, eps)

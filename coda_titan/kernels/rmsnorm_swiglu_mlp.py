@@ -1,0 +1,85 @@
+"""ffn_norm + w1/w3 + SwiGLU + w2 + residual as one op.
+
+Forward, with ``W13 = [W1; W3]`` and norm weight ``g`` folded in::
+
+    r   = rsqrt(ss / D + eps)             # ss = sum(h**2), from the producer
+    z   = r * (h @ (W13 * g).T)           # z = [z1, z3], saved (pre-activation)
+    a   = silu(z1) * z3
+    out = h + a @ W2.T
+
+Backward, all of it in the epilogue of the w2 dgrad ``dout @ W2``::
+
+    da  = dout @ W2
+    dz1 = da * z3 * silu'(z1),   dz3 = da * silu(z1)
+    c   = sum(dz1 * z1 + dz3 * z3)        # ZdZ, per row
+    a   = silu(z1) * z3                   # recomputed for dW2 = dout.T @ a
+
+then ``dh = dout + r * (dz @ W13') - (r**2 c / D) h`` in the w1/w3 dgrad epilogue.
+"""
+
+import torch
+
+from .deferred_rmsnorm import (
+    deferred_norm_linear,
+    fold_norm_weight,
+    normalized_input,
+    rmsnorm_input_grad,
+    row_sumsq,
+    rstd_from_sumsq,
+    unfold_weight_grads,
+)
+
+
+class RMSNormSwiGLUMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, sumsq, norm_weight, w1, w3, w2, eps):
+        rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
+        w13 = torch.cat((w1, w3))
+        z = deferred_norm_linear(h, rstd, fold_norm_weight(w13, norm_weight))
+        z1, z3 = z.chunk(2, dim=-1)
+        a = (torch.nn.functional.silu(z1) * z3).to(w2.dtype)
+        out = (h.to(rstd.dtype) + (a @ w2.t()).to(rstd.dtype)).to(h.dtype)
+        ctx.save_for_backward(h, rstd, norm_weight, w13, w2, z.to(w2.dtype))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        h, rstd, norm_weight, w13, w2, z = ctx.saved_tensors
+        acc, dtype = rstd.dtype, w2.dtype
+        dout_c = dout.to(dtype)
+        da = (dout_c @ w2).to(acc)
+        z1, z3 = z.to(acc).chunk(2, dim=-1)
+        sig = torch.sigmoid(z1)
+        silu = z1 * sig
+        dz1 = da * z3 * sig * (1 + z1 * (1 - sig))
+        dz3 = da * silu
+        zdz = (dz1 * z1 + dz3 * z3).sum(-1)
+        dw2 = dout_c.t() @ (silu * z3).to(dtype)
+        dz = torch.cat((dz1, dz3), dim=-1).to(dtype)
+        dh = rmsnorm_input_grad(
+            dz, h, rstd, fold_norm_weight(w13, norm_weight), zdz, residual_grad=dout
+        )
+        dw13, dnorm = unfold_weight_grads(
+            dz.t() @ normalized_input(h, rstd, dtype), w13, norm_weight
+        )
+        dw1, dw3 = dw13.chunk(2)
+        return dh, None, dnorm, dw1, dw3, dw2, None
+
+
+def rmsnorm_swiglu_mlp(
+    h: torch.Tensor,
+    norm_weight: torch.Tensor,
+    w1: torch.Tensor,
+    w3: torch.Tensor,
+    w2: torch.Tensor,
+    eps: float,
+    sumsq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``h + w2(silu(w1(n)) * w3(n))``, ``n = RMSNorm(h)``; ``h`` is (M, D).
+
+    ``sumsq`` is ``sum(h**2)`` per row when a producer already reduced it
+    (``linear_residual_sumsq``); otherwise one row-reduction pass computes it.
+    """
+    if sumsq is None:
+        sumsq = row_sumsq(h.detach())
+    return RMSNormSwiGLUMLP.apply(h, sumsq, norm_weight, w1, w3, w2, eps)
