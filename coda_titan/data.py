@@ -1,0 +1,287 @@
+"""Offline training data for TorchTitan: real English text that ships with CPython.
+
+No files are stored in the repository and nothing is downloaded: the corpus is
+built at run time from two sources that every CPython installation carries.
+
+1. ``pydoc_data.topics.topics`` -- the Python documentation topics that
+   ``help()`` shows (the language reference: ``if``, ``try``, data model,
+   sequence types, ...).  One document per topic, in sorted key order.
+2. Docstrings of the standard library.  Every ``.py`` file below
+   ``sysconfig.get_paths()["stdlib"]`` is parsed with :mod:`ast` (sorted by
+   path relative to the stdlib root; directories named ``test``, ``tests``,
+   ``idlelib``, ``site-packages`` and ``__pycache__`` are skipped), and every
+   module, class and function docstring longer than 200 characters becomes one
+   document (cleaned with ``inspect.cleandoc``; exact duplicates are dropped,
+   keeping the first occurrence).
+
+The result is deterministic for a given Python version.  About 5% of documents
+are held out for validation, chosen by content hash (``crc32(doc) % 20 == 0``),
+so the split does not depend on document order.
+
+License: all of this text is part of CPython (its documentation and source
+code) and is distributed under the PSF License Agreement (Python Software
+Foundation License Version 2).  The corpus, and the tokenizer trained on it in
+``coda_titan/assets/tokenizer/`` (see ``scripts/build_tokenizer.py``), are
+derived from it under the same license.
+
+Size on CPython 3.11.7 (Linux x86-64); tokens are counted with the bundled
+2048-entry byte-level BPE tokenizer (``coda_titan/assets/tokenizer/``), without
+BOS/EOS (add 2 per document when packed by TorchTitan):
+
+    =========================  =====  =========  =======
+    split                      docs   chars      tokens
+    =========================  =====  =========  =======
+    all                        2328   1,700,890  539,518
+    coda_offline (train)       2212   1,636,011  518,656
+    coda_offline_validation     116      64,879   20,862
+    =========================  =====  =========  =======
+
+(79 topic documents with 464,891 chars, and 2249 docstring documents with
+1,235,999 chars; ~3.2 chars per token.  Other Python versions give somewhat
+different numbers; building the corpus takes ~1-2 s and is cached per process.)
+
+Registered TorchTitan datasets (``register_offline_dataset()``):
+
+* ``"coda_offline"`` -- the training 95%;
+* ``"coda_offline_validation"`` -- the held-out 5%.
+
+Both loaders return a map-style :class:`datasets.Dataset` with a single
+``"text"`` column, so TorchTitan's ``HuggingFaceTextDataset`` can checkpoint and
+resume them by sample index.  The dataset ``path`` is descriptive only
+(``"python-stdlib"``); the loaders ignore it.  Use them with e.g.
+``--training.dataset coda_offline --validation.dataset coda_offline_validation
+--model.hf_assets_path <repo>/coda_titan/assets/tokenizer``.
+
+Importing this module only imports the standard library; ``torchtitan`` and
+``datasets`` are imported when the datasets are registered or loaded.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import gc
+import os
+import sysconfig
+import zlib
+from typing import Any, Iterator
+
+__all__ = [
+    "BOS_TOKEN",
+    "EOS_TOKEN",
+    "VOCAB_SIZE",
+    "DATASET_NAME",
+    "VALIDATION_DATASET_NAME",
+    "DATASET_PATH",
+    "TOKENIZER_DIR",
+    "offline_documents",
+    "train_documents",
+    "validation_documents",
+    "is_validation_document",
+    "load_offline_dataset",
+    "register_offline_dataset",
+    "load_tokenizer",
+]
+
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|end_of_text|>"
+# TorchTitan's llama3 "debugmodel" has vocab_size=2048.
+VOCAB_SIZE = 2048
+
+DATASET_NAME = "coda_offline"
+VALIDATION_DATASET_NAME = "coda_offline_validation"
+# Descriptive only: the loaders ignore the path they are given.
+DATASET_PATH = "python-stdlib"
+
+# Directory holding tokenizer.json + tokenizer_config.json, loadable with
+# torchtitan.components.tokenizer.HuggingFaceTokenizer(TOKENIZER_DIR).
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer")
+
+MIN_DOCSTRING_CHARS = 200
+# A document goes to validation when crc32(text) % VALIDATION_MODULUS == 0 (~5%).
+VALIDATION_MODULUS = 20
+
+_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+# Nodes that can (transitively) contain class/function definitions.
+_CONTAINER_NODES = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
+# --------------------------------------------------------------------------
+# Corpus
+# --------------------------------------------------------------------------
+
+
+def _topic_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    docs = []
+    for key in sorted(topics):
+        text = topics[key].strip()
+        if text:
+            docs.append(text)
+    return docs
+
+
+def _stdlib_source_files() -> list[str]:
+    """Paths of the stdlib's .py files, sorted by POSIX path relative to the root."""
+    root = sysconfig.get_paths()["stdlib"]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        for name in filenames:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, root).replace(os.sep, "/")
+                found.append((rel, path))
+    found.sort()
+    return [path for _, path in found]
+
+
+def _iter_doc_nodes(node: ast.AST) -> Iterator[ast.AST]:
+    """Module/class/function nodes in source order (depth-first, statements only)."""
+    if isinstance(node, _DOC_NODES):
+        yield node
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, _CONTAINER_NODES):
+            yield from _iter_doc_nodes(child)
+
+
+def _docstring_documents() -> list[str]:
+    docs = []
+    # Parsing ~11 MB of source allocates millions of short-lived AST nodes; with
+    # a large heap already alive (torch), cyclic GC passes would dominate the
+    # run time.  The trees are freed by reference counting, so pause the GC.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for path in _stdlib_source_files():
+            docs.extend(_file_docstrings(path))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return docs
+
+
+def _file_docstrings(path: str) -> list[str]:
+    """Module/class/function docstrings longer than MIN_DOCSTRING_CHARS."""
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError, ValueError):
+        return []
+    docs = []
+    for node in _iter_doc_nodes(tree):
+        doc = ast.get_docstring(node, clean=True)
+        if doc and len(doc) > MIN_DOCSTRING_CHARS:
+            docs.append(doc.strip())
+    return docs
+
+
+@functools.lru_cache(maxsize=None)
+def offline_documents() -> list[str]:
+    """All corpus documents (topics, then stdlib docstrings), deduplicated.
+
+    Deterministic for a given Python installation.  Cached: the same list
+    object is returned on every call, so do not mutate it.
+    """
+    seen: set[str] = set()
+    docs = []
+    for doc in _topic_documents() + _docstring_documents():
+        if doc not in seen:
+            seen.add(doc)
+            docs.append(doc)
+    return docs
+
+
+def is_validation_document(doc: str) -> bool:
+    """Deterministic ~5% hold-out, by content hash (independent of order)."""
+    return zlib.crc32(doc.encode("utf-8")) % VALIDATION_MODULUS == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _split(validation: bool) -> tuple[str, ...]:
+    return tuple(d for d in offline_documents() if is_validation_document(d) == validation)
+
+
+def train_documents() -> list[str]:
+    """The ~95% of documents used by the ``coda_offline`` dataset."""
+    return list(_split(False))
+
+
+def validation_documents() -> list[str]:
+    """The ~5% of documents used by the ``coda_offline_validation`` dataset."""
+    return list(_split(True))
+
+
+# --------------------------------------------------------------------------
+# TorchTitan / HF datasets integration
+# --------------------------------------------------------------------------
+
+
+def load_offline_dataset(path: str | None = None, split: str = "train"):
+    """Map-style ``datasets.Dataset`` with a ``"text"`` column.
+
+    ``path`` is ignored (TorchTitan passes ``DatasetConfig.path`` or
+    ``--training.dataset_path``); ``split`` is ``"train"``, ``"validation"``
+    or ``"all"``.
+    """
+    from datasets import Dataset
+
+    if split == "train":
+        docs = train_documents()
+    elif split == "validation":
+        docs = validation_documents()
+    elif split == "all":
+        docs = list(offline_documents())
+    else:
+        raise ValueError(f"unknown split {split!r}; expected train, validation or all")
+    return Dataset.from_dict({"text": docs})
+
+
+def _load_train(path: str | None = None):
+    return load_offline_dataset(path, split="train")
+
+
+def _load_validation(path: str | None = None):
+    return load_offline_dataset(path, split="validation")
+
+
+def _process_text(sample: dict[str, Any]) -> str:
+    return sample["text"]
+
+
+@functools.lru_cache(maxsize=None)
+def _dataset_configs() -> dict[str, Any]:
+    from torchtitan.hf_datasets import DatasetConfig
+
+    return {
+        DATASET_NAME: DatasetConfig(
+            path=DATASET_PATH, loader=_load_train, sample_processor=_process_text
+        ),
+        VALIDATION_DATASET_NAME: DatasetConfig(
+            path=DATASET_PATH, loader=_load_validation, sample_processor=_process_text
+        ),
+    }
+
+
+def register_offline_dataset() -> tuple[str, str]:
+    """Add ``coda_offline`` and ``coda_offline_validation`` to TorchTitan's
+    ``torchtitan.hf_datasets.text_datasets.DATASETS``.  Idempotent.
+
+    Building the corpus is deferred until a dataset is actually loaded.
+    Returns the two registered names.
+    """
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    for name, config in _dataset_configs().items():
+        DATASETS[name] = config
+    return DATASET_NAME, VALIDATION_DATASET_NAME
+
+
+def load_tokenizer(path: str | None = None):
+    """``torchtitan.components.tokenizer.HuggingFaceTokenizer`` for the bundled
+    2048-entry byte-level BPE tokenizer (or the one in ``path``)."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    return HuggingFaceTokenizer(path or TOKENIZER_DIR)
