@@ -212,3 +212,30 @@ def test_standalone_loss_module_matches_titan_head():
     ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
     assert rel_err(loss, ref) < 1e-10
     assert set(head.state_dict()) == {"norm.weight", "output.weight"}
+
+
+def test_block_under_torch_compile_and_activation_checkpointing():
+    """TorchTitan compiles each block and may wrap it in activation checkpointing:
+    the fused block must trace without graph breaks and give the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    ref, fused = make_blocks(64, 8, 2, Coda(), torch.float32, 8)
+    x, freqs, _ = block_inputs(64, 8, 2, 9, torch.float32, False)
+    grad_out = torch.randn(2, 9, 64)
+    compiled = torch.compile(copy.deepcopy(fused), backend="aot_eager", fullgraph=True)
+    checkpointed = copy.deepcopy(fused)
+
+    def run_checkpointed(x, freqs, masks, positions):
+        return checkpoint(checkpointed, x, freqs, masks, positions, use_reentrant=False)
+
+    out_e, dx_e, g_e = run_block(fused, x, freqs, None, grad_out)
+    out_c, dx_c, g_c = run_block(compiled, x, freqs, None, grad_out)
+    x_ac = x.detach().clone().requires_grad_()
+    out_a = run_checkpointed(x_ac, freqs, None, None)
+    out_a.backward(grad_out)
+    assert rel_err(out_c, out_e) < 1e-6 and rel_err(dx_c, dx_e) < 1e-6
+    assert rel_err(out_a, out_e) < 1e-6 and rel_err(x_ac.grad, dx_e) < 1e-6
+    g_c = {name.removeprefix("_orig_mod."): grad for name, grad in g_c.items()}
+    for name, p in checkpointed.named_parameters():
+        assert rel_err(g_c[name], g_e[name]) < 1e-6, name
+        assert rel_err(p.grad, g_e[name]) < 1e-6, name

@@ -1,0 +1,209 @@
+"""The coda converter on TorchTitan's llama3 Transformer."""
+
+import copy
+
+import pytest
+import torch
+from torchtitan.config import ConfigManager
+from torchtitan.distributed import ParallelDims
+from torchtitan.models.llama3 import Transformer
+from torchtitan.models.llama3.model.args import TransformerModelArgs
+from torchtitan.protocols.model_converter import build_model_converters
+
+import coda_titan  # noqa: F401  (registers the converter and train spec)
+from coda_titan.config import Coda
+from coda_titan.converter import CodaConverter
+from coda_titan.layers import CodaTransformerBlock, DeferredRMSNorm, FusedLMHead, LMHeadInput
+from coda_titan.train_spec import build_coda_loss
+
+from .conftest import rel_err
+
+ALL_OFF = dict(
+    fuse_norm_qkv_rope=False,
+    fuse_wo_residual=False,
+    fuse_norm_swiglu_mlp=False,
+    fuse_norm_output_loss=False,
+)
+
+
+def job_config(*args: str):
+    return ConfigManager().parse_args(
+        ["--job.custom_config_module=coda_titan.config", "--model.name=coda_llama3",
+         "--model.converters=coda", "--coda.backend=reference", *args]
+    )
+
+
+def single_device():
+    return ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+
+
+def make_model(n_kv_heads=4, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    args = TransformerModelArgs(
+        dim=64, n_layers=3, n_heads=8, n_kv_heads=n_kv_heads, vocab_size=300,
+        multiple_of=32, rope_theta=500000, max_seq_len=32,
+    )
+    model = Transformer(args)
+    with torch.no_grad():
+        model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model = model.to(dtype)
+    # Module.to(float64) drops the imaginary part of the complex RoPE table.
+    model.freqs_cis = model._precompute_freqs_cis().to(torch.complex128)
+    return model
+
+
+def convert(model, coda: Coda):
+    converter = CodaConverter.__new__(CodaConverter)
+    converter.coda, converter.backend = coda, "reference"
+    converter.convert(model)
+    return model
+
+
+def float64_loss(pred, labels):
+    """The coda train spec's loss, except that for plain logits TorchTitan's
+    cross_entropy_loss casts to float32; here they stay float64."""
+    if isinstance(pred, LMHeadInput):
+        return build_coda_loss(job_config())(pred, labels)
+    return torch.nn.functional.cross_entropy(
+        pred.flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100
+    )
+
+
+def loss_and_grads(model, tokens, labels):
+    model.zero_grad()
+    loss = float64_loss(model(tokens), labels)
+    loss.backward()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_converter_registered_and_built_from_config():
+    config = job_config()
+    container = build_model_converters(config, single_device())
+    (converter,) = container.converters
+    assert isinstance(converter, CodaConverter)
+    assert converter.backend == "reference"
+    model = make_model()
+    container.convert(model)
+    assert all(isinstance(b, CodaTransformerBlock) for b in model.layers.values())
+    assert isinstance(model.norm, DeferredRMSNorm) and isinstance(model.output, FusedLMHead)
+
+
+def test_state_dict_identical_and_checkpoints_move_both_ways():
+    baseline = make_model()
+    converted = convert(copy.deepcopy(baseline), Coda())
+    assert list(converted.state_dict()) == list(baseline.state_dict())
+    fresh = convert(make_model(seed=1), Coda())
+    fresh.load_state_dict(baseline.state_dict())
+    back = make_model(seed=2)
+    back.load_state_dict(fresh.state_dict())
+    for name, p in baseline.state_dict().items():
+        assert torch.equal(back.state_dict()[name], p)
+
+
+@pytest.mark.parametrize(
+    "coda",
+    [
+        Coda(),
+        Coda(fuse_norm_qkv_rope=False),
+        Coda(fuse_wo_residual=False),
+        Coda(fuse_norm_swiglu_mlp=False),
+        Coda(fuse_norm_output_loss=False),
+        Coda(**ALL_OFF),
+    ],
+    ids=["all", "no_qkv", "no_wo", "no_mlp", "no_loss", "none"],
+)
+@pytest.mark.parametrize("n_kv_heads", [8, 2])
+def test_converted_model_matches_baseline_float64(exact_rope, coda, n_kv_heads):
+    baseline = make_model(n_kv_heads)
+    converted = convert(copy.deepcopy(baseline), coda)
+    tokens = torch.randint(0, 300, (2, 11))
+    labels = torch.randint(0, 300, (2, 11))
+    labels[0, :3] = -100
+    loss_b, grads_b = loss_and_grads(baseline, tokens, labels)
+    loss_c, grads_c = loss_and_grads(converted, tokens, labels)
+    assert abs(loss_c.item() - loss_b.item()) <= 1e-10 * abs(loss_b.item())
+    for name in grads_b:
+        assert rel_err(grads_c[name], grads_b[name]) < 1e-10, name
+
+
+def test_fused_head_returns_lm_head_input_with_logits_equivalent(exact_rope):
+    baseline = make_model()
+    converted = convert(copy.deepcopy(baseline), Coda())
+    tokens = torch.randint(0, 300, (1, 7))
+    pred = converted(tokens)
+    assert isinstance(pred, LMHeadInput)
+    assert rel_err(pred.logits(), baseline(tokens)) < 1e-10
+    assert rel_err(pred.loss(tokens), float64_loss(baseline(tokens), tokens)) < 1e-10
+
+
+def test_fused_loss_needs_coda_train_spec():
+    with pytest.raises(ValueError, match="coda_llama3"):
+        CodaConverter(job_config("--model.name=llama3"), single_device())
+    CodaConverter(
+        job_config("--model.name=llama3", "--coda.no-fuse-norm-output-loss"), single_device()
+    )
+
+
+def test_missing_coda_section_is_a_clear_error():
+    config = ConfigManager().parse_args(["--model.converters=coda"])
+    with pytest.raises(ValueError, match="custom_config_module"):
+        CodaConverter(config, single_device())
+
+
+def test_cutedsl_backend_refused_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only refusal")
+    with pytest.raises(RuntimeError, match="cutedsl.*no CUDA device"):
+        CodaConverter(job_config("--coda.backend=cutedsl"), single_device())
+
+
+def test_auto_backend_falls_back_to_reference_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    converter = CodaConverter(job_config("--coda.backend=auto"), single_device())
+    assert converter.backend == "reference"
+
+
+def test_rejects_non_llama3_model():
+    converter = CodaConverter(job_config(), single_device())
+    with pytest.raises(TypeError, match="llama3"):
+        converter.convert(torch.nn.Linear(4, 4))
+
+
+def test_rejects_tensor_parallel():
+    dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=2, pp=1, ep=1, etp=1, world_size=2)
+    with pytest.raises(NotImplementedError, match="tensor"):
+        CodaConverter(job_config(), dims)
+
+
+FP8 = "quantize.linear.float8"
+FUSED_FILTER = "--quantize.linear.float8.filter_fqns=attention.wq,attention.wk,attention.wv,feed_forward,output"
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--coda.fp8=torchao"], "needs"),
+        ([f"--model.converters=coda,{FP8}", FUSED_FILTER, "--coda.no-fuse-wo-residual"], "fp8 = 'none'"),
+        ([f"--model.converters={FP8},coda", "--coda.fp8=torchao", FUSED_FILTER,
+          "--coda.no-fuse-wo-residual"], "before"),
+        ([f"--model.converters=coda,{FP8}", "--coda.fp8=torchao",
+          "--quantize.linear.float8.filter_fqns=output"], "attention.wq"),
+    ],
+    ids=["fp8_without_converter", "converter_without_fp8", "wrong_order", "unfiltered"],
+)
+def test_fp8_combination_checks(args, message):
+    with pytest.raises(ValueError, match=message):
+        CodaConverter(job_config(*args), single_device())
+
+
+def test_fp8_combination_accepted():
+    CodaConverter(
+        job_config(f"--model.converters=coda,{FP8}", "--coda.fp8=torchao", FUSED_FILTER,
+                   "--coda.no-fuse-wo-residual"),
+        single_device(),
+    )
