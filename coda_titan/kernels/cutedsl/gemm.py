@@ -1,0 +1,64 @@
+"""Shared pieces of the CuTe DSL ops: tile configs, input checks, fallback.
+
+Every kernel is a quack SM90 GEMM (WGMMA + TMA, persistent) with one of our
+epilogues, called with a fixed tile configuration (no autotuning on the
+training path). Inputs a kernel cannot take (not CUDA, not bf16, not
+contiguous, a dimension not a multiple of 8) fall back to the PyTorch
+reference with a one-time warning naming the reason, never a CUTLASS error.
+"""
+
+import warnings
+
+import torch
+
+
+def _cfg(tile_m, tile_n, cluster_m, cluster_n, pingpong):
+    return dict(tile_M=tile_m, tile_N=tile_n, cluster_M=cluster_m, cluster_N=cluster_n,
+                pingpong=pingpong)
+
+
+# Fixed tile configurations per GEMM epilogue and shape class, chosen with
+# scripts/tune_tiles.py at M = 16384 on the LLaMA-3 1B and 8B dims (H200,
+# 2026-11-21; the best config of each, or the best common to both sizes).
+TILES = {
+    # wo: K = N = D.  1B 0.203 ms (cuBLAS 0.180), 8B 0.825 (0.807).
+    "residual_square": _cfg(128, 128, 1, 2, True),
+    # w2: K = F >> N = D.  1B 0.785 ms (cuBLAS 0.760), 8B 2.794 (2.806).
+    "residual_deep": _cfg(128, 256, 2, 1, False),
+    # w1/w3 + SwiGLU.  1B 1.542 ms (cuBLAS 1.613), 8B 5.704 (5.765).
+    "swiglu": _cfg(128, 192, 2, 1, True),
+    # w2 dgrad + dSwiGLU.  1B 0.908 ms (cuBLAS 0.838), 8B 3.279 (2.796).
+    "dswiglu": _cfg(128, 128, 1, 2, True),
+    # dgrad + RMSNorm backward.  1B 1.584 ms (cuBLAS 1.522), 8B 5.525 (6.170).
+    "rmsnorm_grad": _cfg(256, 128, 1, 2, False),
+}
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def unsupported_reason(*tensors: torch.Tensor) -> str | None:
+    """Why these operands cannot go to the SM90 bf16 kernels, or None."""
+    for t in tensors:
+        if not t.is_cuda:
+            return "tensor not on a CUDA device"
+        if t.dtype != torch.bfloat16:
+            return f"dtype {t.dtype} (the kernels take bfloat16)"
+        if not t.is_contiguous():
+            return "non-contiguous tensor"
+        if t.shape[-1] % 8 != 0:
+            return f"last dimension {t.shape[-1]} not a multiple of 8"
+        if t.numel() == 0:
+            return "empty tensor"
+    return None
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(f"coda_titan {op}: CuTe DSL kernel skipped ({reason}); using the PyTorch reference",
+                      stacklevel=3)

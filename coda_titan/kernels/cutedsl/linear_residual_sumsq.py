@@ -1,0 +1,62 @@
+"""wo + residual + sum of squares on quack's SM90 GEMM (math: ``..linear_residual_sumsq``).
+
+One GEMM ``o @ Wo.T`` whose epilogue adds the residual (the C operand),
+stores ``h`` and reduces ``h**2`` per (row, N-tile) into fp32 partials; a
+tiny sum finalizes them. Backward is plain (cuBLAS): ``dx = dh``,
+``do = dh @ Wo``, ``dWo = dh.T @ o``. Also used for ``w2`` + residual, whose
+sum of squares the caller may ignore.
+"""
+
+import torch
+from quack.epilogue import gemm_epilogue
+from quack.epilogue.ops import ColVecReduce
+
+from ..linear_residual_sumsq import linear_residual_sumsq as reference
+from .gemm import TILES, cdiv, unsupported_reason, warn_fallback
+
+
+@gemm_epilogue(reduces={"sumsq": ColVecReduce("sumsq", scaled=True)})
+def residual_sumsq_epi(acc, c):
+    """h = acc + x; sumsq partial = sum over the tile's columns of h**2."""
+    h = acc + c
+    return {"D": h, "sumsq": (h, h)}
+
+
+@torch.library.custom_op("coda::linear_residual_sumsq_fwd", mutates_args=(), device_types="cuda")
+def linear_residual_sumsq_fwd(
+    x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n, k = weight.shape
+    cfg = TILES["residual_deep" if k > 2 * n else "residual_square"]
+    h = torch.empty_like(x)
+    partials = torch.empty(x.shape[0], cdiv(n, cfg["tile_N"]), dtype=torch.float32,
+                           device=x.device)
+    residual_sumsq_epi.gemm(o, weight, h, x, epi_args=dict(sumsq=partials), **cfg)
+    return h, partials.sum(-1)
+
+
+@linear_residual_sumsq_fwd.register_fake
+def _(x, o, weight):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+class LinearResidualSumSqKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, o, weight):
+        h, sumsq = linear_residual_sumsq_fwd(x, o, weight)
+        ctx.save_for_backward(o, weight)
+        ctx.mark_non_differentiable(sumsq)
+        return h, sumsq
+
+    @staticmethod
+    def backward(ctx, dh, _dsumsq):
+        o, weight = ctx.saved_tensors
+        return dh, dh @ weight, dh.t() @ o
+
+
+def linear_residual_sumsq(x, o, weight):
+    reason = unsupported_reason(x, o, weight)
+    if reason is not None:
+        warn_fallback("linear_residual_sumsq", reason)
+        return reference(x, o, weight)
+    return LinearResidualSumSqKernel.apply(x, o, weight)

@@ -1,0 +1,41 @@
+"""The RMSNorm backward finished in a dgrad GEMM's epilogue (ZdZ).
+
+With ``dzr = r * dz`` (the incoming gradient already scaled by the deferred
+rstd), ``c_r = r**2 * sum(dz * z)`` per row and the folded weight ``W'``::
+
+    dx = dzr @ W' - (c_r / D) * x + residual_grad
+
+one GEMM ``dzr @ W'`` whose epilogue reads ``x`` (a tile load), the per-row
+correction and the residual gradient (the C operand).
+"""
+
+import torch
+from quack.epilogue import gemm_epilogue
+from quack.epilogue.ops import ColVecLoad
+
+from .gemm import TILES
+
+CFG = TILES["rmsnorm_grad"]
+
+
+@gemm_epilogue(ops={"corr": ColVecLoad("corr")})
+def rmsnorm_grad_epi(acc, c, x, corr):
+    """dx = acc + residual_grad + x * corr, corr = -r**2 * sum(dz*z) / D."""
+    return {"D": acc + c + x * corr}
+
+
+@torch.library.custom_op("coda::rmsnorm_linear_grad", mutates_args=(), device_types="cuda")
+def rmsnorm_linear_grad(
+    dzr: torch.Tensor, folded_weight: torch.Tensor, x: torch.Tensor, zdz_r2: torch.Tensor,
+    residual_grad: torch.Tensor,
+) -> torch.Tensor:
+    dx = torch.empty_like(x)
+    corr = zdz_r2 * (-1.0 / x.shape[-1])
+    rmsnorm_grad_epi.gemm(dzr, folded_weight.mT, dx, residual_grad,
+                          epi_args=dict(x=x, corr=corr), **CFG)
+    return dx
+
+
+@rmsnorm_linear_grad.register_fake
+def _(dzr, folded_weight, x, zdz_r2, residual_grad):
+    return torch.empty_like(x)
