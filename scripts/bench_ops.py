@@ -7,7 +7,10 @@ For each op at LLaMA-3 1B and 8B dims with M = 16384 tokens, in one process:
   floor    the bare GEMM(s) alone (torch.matmul), the lower bound
 Medians of triton.testing.do_bench. Writes benchmarks/results/ops_<gpu>.{json,md}.
 
-  python scripts/bench_ops.py [--sizes 1B 8B] [--ops mlp residual]
+  python scripts/bench_ops.py [--sizes 1B 8B] [--ops qkv_rope residual mlp lm_head]
+
+"fwd+bwd" adds the two; peak MiB is the allocation above the inputs during
+one forward+backward.
 """
 
 import argparse
@@ -38,14 +41,26 @@ def median_ms(fn, grad_to_none=None):
     return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
-def fwd_bwd_times(fn, inputs, grad_out):
-    """(forward ms, backward ms) of fn(*inputs); backward timed alone."""
+def fwd_bwd_times(fn, inputs, grad_outs):
+    """(forward ms, backward ms, peak MiB of one forward+backward) of fn(*inputs);
+    the backward is timed alone. grad_outs pair with fn's first outputs."""
     params = [t.requires_grad_() for t in inputs if t.is_floating_point()]
-    fwd = median_ms(lambda: fn(*inputs))
-    out = fn(*inputs)
-    out = out[0] if isinstance(out, tuple) else out
-    bwd = median_ms(lambda: out.backward(grad_out, retain_graph=True), grad_to_none=params)
-    return fwd, bwd
+
+    def outputs():
+        out = fn(*inputs)
+        return (out if isinstance(out, tuple) else (out,))[: len(grad_outs)]
+
+    fwd = median_ms(outputs)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    torch.autograd.backward(outputs(), grad_outs)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    outs = outputs()
+    bwd = median_ms(lambda: torch.autograd.backward(outs, grad_outs, retain_graph=True),
+                    grad_to_none=params)
+    return fwd, bwd, peak
 
 
 def mlp_case(s):
@@ -65,7 +80,7 @@ def mlp_case(s):
         "fwd": lambda: (h @ w13.t(), a @ w2.t()),
         "bwd": lambda: (dout @ w2, dout.t() @ a, gu @ w13, gu.t() @ h),
     }
-    return eager, coda, [h, g, w1, w3, w2], dout, floors
+    return eager, coda, [h, g, w1, w3, w2], [dout], floors
 
 
 def residual_case(s):
@@ -78,10 +93,78 @@ def residual_case(s):
 
     dh = randn(M, d)
     floors = {"fwd": lambda: o @ w.t(), "bwd": lambda: (dh @ w, dh.t() @ o)}
-    return eager, cutedsl.OPS.linear_residual_sumsq, [x, o, w], dh, floors
+    return eager, cutedsl.OPS.linear_residual_sumsq, [x, o, w], [dh], floors
 
 
-CASES = {"mlp": mlp_case, "residual": residual_case}
+def qkv_rope_case(s):
+    from torchtitan.models.llama3.model.model import apply_rotary_emb, precompute_freqs_cis
+
+    from coda_titan.kernels import token_positions
+
+    d, hq, hkv = s["d"], s["hq"], s["hkv"]
+    hd, batch, seqlen = d // hq, 2, M // 2
+    x, g = randn(M, d), (torch.rand(d, device=DEV) + 0.5).to(BF)
+    wq, wk, wv = randn(hq * hd, d, scale=d**-0.5), randn(hkv * hd, d, scale=d**-0.5), randn(
+        hkv * hd, d, scale=d**-0.5)
+    freqs = precompute_freqs_cis(hd, seqlen, 500000.0).to(DEV)
+    positions = token_positions(batch, seqlen, None, DEV)
+
+    def eager(x, g, wq, wk, wv):
+        n = F.rms_norm(x, (d,), g, 1e-5)
+        q, k, v = (F.linear(n, w).view(batch, seqlen, -1, hd) for w in (wq, wk, wv))
+        q, k = apply_rotary_emb(q, k, freqs)
+        return q.view(M, -1), k.view(M, -1), v.view(M, -1)
+
+    def coda(x, g, wq, wk, wv):
+        return cutedsl.OPS.rmsnorm_qkv_rope(x, g, wq, wk, wv, freqs, positions, 1e-5)
+
+    w = torch.cat((wq, wk, wv))
+    dz = randn(M, w.shape[0])
+    grads = [randn(M, hq * hd), randn(M, hkv * hd), randn(M, hkv * hd)]
+    floors = {"fwd": lambda: x @ w.t(), "bwd": lambda: (dz @ w, dz.t() @ x)}
+    return eager, coda, [x, g, wq, wk, wv], grads, floors
+
+
+def lm_head_case(s):
+    d, vocab = s["d"], s["v"]
+    h, g = randn(M, d), (torch.rand(d, device=DEV) + 0.5).to(BF)
+    w = randn(vocab, d, scale=d**-0.5)
+    labels = torch.randint(0, vocab, (M,), device=DEV)
+
+    def eager(h, g, w):
+        logits = F.linear(F.rms_norm(h, (d,), g, 1e-5), w)
+        return F.cross_entropy(logits.float(), labels, reduction="sum")
+
+    def coda(h, g, w):
+        return cutedsl.OPS.rmsnorm_linear_cross_entropy(h, g, w, labels, 1e-5, 2048)
+
+    dz = randn(M, vocab)
+    floors = {"fwd": lambda: h @ w.t(), "bwd": lambda: (dz @ w, dz.t() @ h)}
+    return eager, coda, [h, g, w], [torch.tensor(1.0 / M, device=DEV)], floors
+
+
+def profile(fn, inputs, grad_outs, rows=12):
+    """Kernel time breakdown of one CODA forward+backward (after a warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    inputs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+
+    def step():
+        out = fn(*inputs)
+        torch.autograd.backward((out if isinstance(out, tuple) else (out,))[: len(grad_outs)],
+                                grad_outs)
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
+CASES = {"qkv_rope": qkv_rope_case, "residual": residual_case, "mlp": mlp_case,
+         "lm_head": lm_head_case}
 
 
 def main():
@@ -89,29 +172,46 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--ops", nargs="+", default=list(CASES))
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--profile", action="store_true", help="only print kernel breakdowns")
     args = parser.parse_args()
+    if args.profile:
+        for size in args.sizes:
+            for op in args.ops:
+                _, coda, inputs, grad_outs, _ = CASES[op](SIZES[size])
+                print(f"== {op} {size}")
+                profile(coda, inputs, grad_outs)
+        return
     gpu = torch.cuda.get_device_name()
     records = []
     for size in args.sizes:
         for op in args.ops:
-            eager, coda, inputs, grad_out, floors = CASES[op](SIZES[size])
+            eager, coda, inputs, grad_outs, floors = CASES[op](SIZES[size])
             compiled = torch.compile(eager)
             times = {}
             for arm, fn in (("coda", coda), ("eager", eager), ("compile", compiled)):
                 fresh = [t.detach().clone() for t in inputs]
-                times[arm] = fwd_bwd_times(fn, fresh, grad_out)
+                times[arm] = fwd_bwd_times(fn, fresh, grad_outs)
             floor = {p: median_ms(floors[p]) for p in ("fwd", "bwd")}
-            for i, pas in enumerate(("fwd", "bwd")):
+            floor["fwd+bwd"] = floor["fwd"] + floor["bwd"]
+            for arm in times:
+                fwd, bwd, peak = times[arm]
+                times[arm] = (fwd, bwd, fwd + bwd, peak)
+            for i, pas in enumerate(("fwd", "bwd", "fwd+bwd")):
                 rec = dict(op=op, size=size, **{"pass": pas}, shape=dict(M=M, **SIZES[size]),
                            coda_ms=times["coda"][i], eager_ms=times["eager"][i],
-                           compile_ms=times["compile"][i], floor_ms=floor[pas])
+                           compile_ms=times["compile"][i], floor_ms=floor[pas],
+                           coda_peak_mib=times["coda"][3], eager_peak_mib=times["eager"][3],
+                           compile_peak_mib=times["compile"][3])
                 rec["coda_vs_floor"] = rec["coda_ms"] / rec["floor_ms"]
                 rec["compile_over_coda"] = rec["compile_ms"] / rec["coda_ms"]
+                rec["eager_over_coda"] = rec["eager_ms"] / rec["coda_ms"]
                 records.append(rec)
-                print(f"{op:10s} {size} {pas}: coda {rec['coda_ms']:.3f} eager {rec['eager_ms']:.3f} "
+                print(f"{op:9s} {size} {pas:7s}: coda {rec['coda_ms']:.3f} eager {rec['eager_ms']:.3f} "
                       f"compile {rec['compile_ms']:.3f} floor {rec['floor_ms']:.3f} ms | "
-                      f"coda/floor {rec['coda_vs_floor']:.3f} compile/coda {rec['compile_over_coda']:.3f}",
-                      flush=True)
+                      f"coda/floor {rec['coda_vs_floor']:.3f} compile/coda "
+                      f"{rec['compile_over_coda']:.3f} eager/coda {rec['eager_over_coda']:.3f} | "
+                      f"peak MiB coda {rec['coda_peak_mib']:.0f} eager {rec['eager_peak_mib']:.0f} "
+                      f"compile {rec['compile_peak_mib']:.0f}", flush=True)
     import quack
     meta = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, quack=quack.__version__,
                 python=platform.python_version(), command="python " + " ".join(sys.argv))
@@ -120,11 +220,14 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / f"ops_{tag}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
     lines = [f"# CODA op benchmark on {gpu}", "", "```", json.dumps(meta, indent=1), "```", "",
-             "| op | size | pass | coda ms | eager ms | compile ms | floor ms | coda/floor | compile/coda |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| op | size | pass | coda ms | eager ms | compile ms | floor ms | coda/floor | "
+             "compile/coda | eager/coda | peak MiB coda / eager / compile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['op']} | {r['size']} | {r['pass']} | {r['coda_ms']:.3f} | {r['eager_ms']:.3f} | "
               f"{r['compile_ms']:.3f} | {r['floor_ms']:.3f} | {r['coda_vs_floor']:.3f} | "
-              f"{r['compile_over_coda']:.3f} |" for r in records]
+              f"{r['compile_over_coda']:.3f} | {r['eager_over_coda']:.3f} | "
+              f"{r['coda_peak_mib']:.0f} / {r['eager_peak_mib']:.0f} / {r['compile_peak_mib']:.0f} |"
+              for r in records]
     (out / f"ops_{tag}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from .linear_residual_sumsq import linear_residual_sumsq
 from .rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy
-from .rmsnorm_qkv_rope import rmsnorm_qkv_rope, rope_tables
+from .rmsnorm_qkv_rope import rmsnorm_qkv_rope, token_positions
 from .rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp
 
 __all__ = [
@@ -18,7 +18,7 @@ __all__ = [
     "rmsnorm_linear_cross_entropy",
     "rmsnorm_qkv_rope",
     "rmsnorm_swiglu_mlp",
-    "rope_tables",
+    "token_positions",
 ]
 
 REFERENCE = SimpleNamespace(

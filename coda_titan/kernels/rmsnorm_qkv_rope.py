@@ -28,23 +28,22 @@ from .deferred_rmsnorm import (
 )
 
 
-def rope_tables(
-    freqs_cis: torch.Tensor,
-    batch: int,
-    seqlen: int,
-    positions: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token ``(cos, sin)``, each ``(batch * seqlen, head_dim // 2)``.
-
-    ``positions`` follows TorchTitan: None (0..seqlen-1), shape (1, seqlen)
-    shared by the batch, or (batch, seqlen).
-    """
+def token_positions(
+    batch: int, seqlen: int, positions: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Position of each of the ``batch * seqlen`` tokens, as TorchTitan reads
+    ``positions``: None (0..seqlen-1), (1, seqlen) shared by the batch, or
+    (batch, seqlen)."""
     if positions is None:
-        table = freqs_cis[:seqlen].expand(batch, -1, -1)
-    else:
-        table = freqs_cis[positions].expand(batch, -1, -1)
-    table = table.reshape(batch * seqlen, -1)
+        positions = torch.arange(seqlen, device=device)
+    return positions.expand(batch, seqlen).reshape(-1)
+
+
+def rope_tables(
+    freqs_cis: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``(cos, sin)``, each ``(M, head_dim // 2)``, from TorchTitan's table."""
+    table = freqs_cis[positions]
     acc = acc_dtype(dtype)
     return table.real.to(acc), table.imag.to(acc)
 
@@ -62,7 +61,8 @@ def rotate(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
 
 class RMSNormQKVRoPE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, norm_weight, wq, wk, wv, cos, sin, eps):
+    def forward(ctx, x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
+        cos, sin = rope_tables(freqs_cis, positions, x.dtype)
         rstd = rstd_from_sumsq(row_sumsq(x), x.shape[-1], eps)
         weight = torch.cat((wq, wk, wv))
         z = deferred_norm_linear(x, rstd, fold_norm_weight(weight, norm_weight))
@@ -103,9 +103,13 @@ def rmsnorm_qkv_rope(
     wq: torch.Tensor,
     wk: torch.Tensor,
     wv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    freqs_cis: torch.Tensor,
+    positions: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x`` (M, D) -> post-RoPE ``q`` (M, Hq*hd), ``k`` (M, Hkv*hd), ``v`` (M, Hkv*hd)."""
-    return RMSNormQKVRoPE.apply(x, norm_weight, wq, wk, wv, cos, sin, eps)
+    """``x`` (M, D) -> post-RoPE ``q`` (M, Hq*hd), ``k`` (M, Hkv*hd), ``v`` (M, Hkv*hd).
+
+    ``freqs_cis`` is TorchTitan's complex RoPE table (max_seq_len, hd/2),
+    ``positions`` the (M,) int position of each token (``token_positions``).
+    """
+    return RMSNormQKVRoPE.apply(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)

@@ -20,7 +20,7 @@ from torchtitan.models.llama3.model.model import TransformerBlock, apply_rotary_
 
 from ..backend import resolve_backend
 from ..config import Coda
-from ..kernels import ops_for, rope_tables
+from ..kernels import ops_for, token_positions
 from ..kernels.deferred_rmsnorm import resolve_eps
 from .autocast import compute_weights, outside_autocast
 
@@ -74,14 +74,14 @@ class CodaTransformerBlock(TransformerBlock):
         head_dim = attention.head_dim
 
         if coda.fuse_norm_qkv_rope:
-            cos, sin = rope_tables(freqs_cis, bs, seqlen, positions, x.dtype)
+            tokens = token_positions(bs, seqlen, positions, x.device)
             norm = self.attention_norm
             wq, wk, wv = compute_weights(
                 x, attention.wq.weight, attention.wk.weight, attention.wv.weight
             )
             with outside_autocast(x):
                 xq, xk, xv = ops.rmsnorm_qkv_rope(
-                    x2d, norm.weight, wq, wk, wv, cos, sin, resolve_eps(norm.eps, x.dtype)
+                    x2d, norm.weight, wq, wk, wv, freqs_cis, tokens, resolve_eps(norm.eps, x.dtype)
                 )
             xq, xk, xv = (t.view(bs, seqlen, -1, head_dim) for t in (xq, xk, xv))
         else:

@@ -29,6 +29,12 @@ TILES = {
     "swiglu": _cfg(128, 192, 2, 1, True),
     # w2 dgrad + dSwiGLU.  1B 0.908 ms (cuBLAS 0.838), 8B 3.279 (2.796).
     "dswiglu": _cfg(128, 128, 1, 2, True),
+    # attention_norm + wq/wk/wv + RoPE: not measured yet.
+    "qkv_rope": _cfg(128, 192, 2, 1, True),
+    # LM head logits + log-sum-exp + target: not measured yet.
+    "logits": _cfg(128, 256, 2, 1, False),
+    # LM head wgrad, fp32 reduce-add: not measured yet.
+    "lm_head_wgrad": _cfg(128, 256, 2, 1, False),
     # dgrad + RMSNorm backward.  1B 1.584 ms (cuBLAS 1.522), 8B 5.525 (6.170).
     "rmsnorm_grad": _cfg(256, 128, 1, 2, False),
 }

@@ -1,0 +1,103 @@
+"""attention_norm + wq/wk/wv + RoPE on quack's SM90 GEMM (math: ``..rmsnorm_qkv_rope``).
+
+forward
+  ``r`` from one row reduction over ``x`` (no producer GEMM precedes the block
+  input), then one GEMM ``x @ [Wq; Wk; Wv]'.T`` (norm weight folded) whose
+  epilogue scales by ``r`` and rotates each (even, odd) column pair by
+  ``position * inv_freq``; V columns carry frequency 0, an exact identity. The
+  angle is formed in float-float turns and reduced exactly (quack's rotary
+  helpers), so large positions keep their precision.
+backward
+  ``dzr = r * [R^T dq, R^T dk, dv]`` and ``sum(dz * z) = sum(dq*q + dk*k + dv*v)``
+  in one elementwise pass (torch.compile-generated: no GEMM is adjacent), then
+  ``dx`` from the dgrad GEMM with the RMSNorm backward in its epilogue, and the
+  plain wgrad ``dW' = dzr.T @ x``.
+"""
+
+import torch
+from quack.epilogue import gemm_epilogue
+from quack.epilogue.math import pack, unpack
+from quack.epilogue.ops import ColVecLoad, RowVecLoad
+from quack.epilogue.rotary import _angle_turns, _sincos_turns, make_interleaved_inv_freq
+
+from ..deferred_rmsnorm import rstd_from_sumsq, unfold_weight_grads
+from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
+from ..rmsnorm_qkv_rope import rope_tables, rotate
+from .gemm import TILES, unsupported_reason, warn_fallback
+from .rmsnorm_linear_grad import rmsnorm_linear_grad
+
+CFG = TILES["qkv_rope"]
+
+
+@gemm_epilogue(
+    ops={"pos": ColVecLoad("pos"), "freq": RowVecLoad("freq"), "rstd": ColVecLoad("rstd")},
+    mode="acc_pair",
+)
+def rstd_rope_epi(acc, pos, freq, rstd):
+    """z = r * acc, then (a, b) -> (a cos - b sin, a sin + b cos), angle = pos * freq."""
+    a, b = unpack(acc * rstd)
+    sin, cos = _sincos_turns(*_angle_turns(pos, freq))
+    return {"D": pack(a * cos - b * sin, a * sin + b * cos)}
+
+
+@torch.library.custom_op("coda::rmsnorm_qkv_rope_fwd", mutates_args=(), device_types="cuda")
+def rmsnorm_qkv_rope_fwd(
+    x: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, positions: torch.Tensor,
+    freq: torch.Tensor,
+) -> torch.Tensor:
+    qkv = torch.empty(x.shape[0], folded_weight.shape[0], dtype=x.dtype, device=x.device)
+    rstd_rope_epi.gemm(x, folded_weight, qkv, None,
+                       epi_args=dict(pos=positions, freq=freq, rstd=rstd), **CFG)
+    return qkv
+
+
+@rmsnorm_qkv_rope_fwd.register_fake
+def _(x, rstd, folded_weight, positions, freq):
+    return x.new_empty(x.shape[0], folded_weight.shape[0])
+
+
+@torch.compile(dynamic=True)
+def rope_backward_zdz(dq, dk, dv, q, k, v, cos, sin, rstd):
+    """``(r * [R^T dq, R^T dk, dv], sum(dq*q + dk*k + dv*v))``."""
+    acc = rstd.dtype
+    dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
+    zdz = (dq * q.to(acc)).sum(-1) + (dk * k.to(acc)).sum(-1) + (dv * v.to(acc)).sum(-1)
+    dz = torch.cat((rotate(dq, cos, sin, inverse=True), rotate(dk, cos, sin, inverse=True), dv), -1)
+    return (dz * rstd[:, None]).to(q.dtype), zdz
+
+
+class RMSNormQKVRoPEKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
+        sumsq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
+        rstd = rstd_from_sumsq(sumsq, x.shape[-1], eps)
+        weight = torch.cat((wq, wk, wv))
+        folded = (weight.float() * norm_weight.float()).to(weight.dtype)
+        nq, nk, nv = wq.shape[0], wk.shape[0], wv.shape[0]
+        head_dim = 2 * freqs_cis.shape[-1]
+        inv_freq = freqs_cis[1].angle().double()
+        freq = make_interleaved_inv_freq(inv_freq, nq + nk, nv, head_dim).to(x.device)
+        qkv = rmsnorm_qkv_rope_fwd(x, rstd, folded, positions.float(), freq)
+        q, k, v = qkv.split((nq, nk, nv), dim=-1)
+        ctx.save_for_backward(x, rstd, norm_weight, weight, folded, freqs_cis, positions, q, k, v)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        x, rstd, norm_weight, weight, folded, freqs_cis, positions, q, k, v = ctx.saved_tensors
+        cos, sin = rope_tables(freqs_cis, positions, x.dtype)
+        dzr, zdz = rope_backward_zdz(dq, dk, dv, q, k, v, cos, sin, rstd)
+        dx = rmsnorm_linear_grad(dzr, folded, x, rstd.square() * zdz, None)
+        dweight, dnorm = unfold_weight_grads(dzr.t() @ x, weight, norm_weight)
+        dwq, dwk, dwv = dweight.split((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return dx, dnorm, dwq, dwk, dwv, None, None, None
+
+
+def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
+    reason = unsupported_reason(x, wq, wk, wv)
+    if reason is None and (2 * freqs_cis.shape[-1]) % 32 != 0:
+        reason = f"head_dim {2 * freqs_cis.shape[-1]} not a multiple of 32"
+    if reason is not None:
+        warn_fallback("rmsnorm_qkv_rope", reason)
+        return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
+    return RMSNormQKVRoPEKernel.apply(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
