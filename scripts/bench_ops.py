@@ -163,8 +163,47 @@ def profile(fn, inputs, grad_outs, rows=12):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
+def block_case(s):
+    """A whole LLaMA-3 block: TorchTitan's (eager / per-block compiled) vs converted."""
+    import copy
+
+    from torchtitan.models.llama3.model.model import TransformerBlock, precompute_freqs_cis
+
+    from coda_titan.config import Coda
+    from coda_titan.layers import CodaTransformerBlock
+    from coda_titan.train_spec import coda_llama3_args
+
+    args = coda_llama3_args["1B" if s["d"] == 2048 else "8B"]
+    titan = TransformerBlock(1, args).to(DEV, BF)
+    with torch.no_grad():
+        titan.init_weights()
+    fused = CodaTransformerBlock.convert(copy.deepcopy(titan), Coda(), "cutedsl")
+    hd, batch, seqlen = args.dim // args.n_heads, 2, M // 2
+    freqs = precompute_freqs_cis(hd, seqlen, args.rope_theta).to(DEV)
+    x = randn(batch, seqlen, args.dim)
+
+    def wrap(block):
+        return lambda x: block(x, freqs, None)
+
+    d, f = s["d"], s["f"]
+    wqkv, wo, w13, w2 = randn(d + d // 2, d), randn(d, d), randn(2 * f, d), randn(d, f)
+    x2, qkv, o, gu, a = randn(M, d), randn(M, d + d // 2), randn(M, d), randn(M, 2 * f), randn(M, f)
+    q, k, v = (randn(batch, args.n_heads, seqlen, hd) for _ in range(3))
+    attn_fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    attn_out = F.scaled_dot_product_attention(qr, kr, vr, is_causal=True)
+    attn_bwd = lambda: torch.autograd.grad(attn_out, (qr, kr, vr), o.view_as(attn_out),  # noqa: E731
+                                           retain_graph=True)
+    floors = {
+        "fwd": lambda: (x2 @ wqkv.t(), attn_fwd(), o @ wo.t(), x2 @ w13.t(), a @ w2.t()),
+        "bwd": lambda: (qkv @ wqkv, qkv.t() @ x2, attn_bwd(), x2 @ wo, x2.t() @ o, x2 @ w2,
+                        x2.t() @ a, gu @ w13, gu.t() @ x2),
+    }
+    return wrap(titan), wrap(fused), [x], [randn(batch, seqlen, args.dim)], floors
+
+
 CASES = {"qkv_rope": qkv_rope_case, "residual": residual_case, "mlp": mlp_case,
-         "lm_head": lm_head_case}
+         "lm_head": lm_head_case, "block": block_case}
 
 
 def main():
@@ -187,8 +226,11 @@ def main():
         for op in args.ops:
             eager, coda, inputs, grad_outs, floors = CASES[op](SIZES[size])
             compiled = torch.compile(eager)
+            arms = [("coda", coda), ("eager", eager), ("compile", compiled)]
+            if op == "block":  # TorchTitan compiles each block, converted ones too
+                arms.append(("coda_compile", torch.compile(coda)))
             times = {}
-            for arm, fn in (("coda", coda), ("eager", eager), ("compile", compiled)):
+            for arm, fn in arms:
                 fresh = [t.detach().clone() for t in inputs]
                 times[arm] = fwd_bwd_times(fn, fresh, grad_outs)
             floor = {p: median_ms(floors[p]) for p in ("fwd", "bwd")}
@@ -202,6 +244,8 @@ def main():
                            compile_ms=times["compile"][i], floor_ms=floor[pas],
                            coda_peak_mib=times["coda"][3], eager_peak_mib=times["eager"][3],
                            compile_peak_mib=times["compile"][3])
+                if "coda_compile" in times:
+                    rec["coda_compile_ms"] = times["coda_compile"][i]
                 rec["coda_vs_floor"] = rec["coda_ms"] / rec["floor_ms"]
                 rec["compile_over_coda"] = rec["compile_ms"] / rec["coda_ms"]
                 rec["eager_over_coda"] = rec["eager_ms"] / rec["coda_ms"]
@@ -211,7 +255,9 @@ def main():
                       f"coda/floor {rec['coda_vs_floor']:.3f} compile/coda "
                       f"{rec['compile_over_coda']:.3f} eager/coda {rec['eager_over_coda']:.3f} | "
                       f"peak MiB coda {rec['coda_peak_mib']:.0f} eager {rec['eager_peak_mib']:.0f} "
-                      f"compile {rec['compile_peak_mib']:.0f}", flush=True)
+                      f"compile {rec['compile_peak_mib']:.0f}"
+                      + (f" | coda+compile {rec['coda_compile_ms']:.3f}" if "coda_compile_ms" in rec
+                         else ""), flush=True)
     import quack
     meta = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, quack=quack.__version__,
                 python=platform.python_version(), command="python " + " ".join(sys.argv))

@@ -16,11 +16,15 @@ from triton.testing import do_bench
 
 from coda_titan.kernels.cutedsl.gemm import cdiv
 from coda_titan.kernels.cutedsl.linear_residual_sumsq import residual_sumsq_epi
+from coda_titan.kernels.cutedsl.rmsnorm_linear_cross_entropy import (
+    dgrad_zdz_epi, identity_epi, rstd_logits_lse_epi)
+from coda_titan.kernels.cutedsl.rmsnorm_qkv_rope import make_interleaved_inv_freq, rstd_rope_epi
 from coda_titan.kernels.cutedsl.rmsnorm_linear_grad import rmsnorm_grad_epi
 from coda_titan.kernels.cutedsl.rmsnorm_swiglu_mlp import dswiglu_zdz_epi, rstd_swiglu_epi
 
 SIZES = {"1B": (2048, 8192), "8B": (4096, 14336)}
 M = 16384
+CHUNK, VOCAB = 2048, 128256  # the LM head runs per chunk of tokens
 CANDIDATES = [
     dict(tile_M=tm, tile_N=tn, cluster_M=cm, cluster_N=cn, pingpong=pp)
     for (tm, tn, pp), (cm, cn) in itertools.product(
@@ -59,7 +63,34 @@ def cases(d, f):
         rmsnorm_grad_epi.gemm(gu, w13.mT, torch.empty_like(x), dout,
                                  epi_args=dict(x=h, corr=rstd), **cfg)
 
+    wqkv, pos = bf(d + d // 2, d), torch.arange(M, device="cuda").float()
+    freq = make_interleaved_inv_freq(torch.rand(64, device="cuda").double(), d + d // 4, d // 4, 128)
+
+    def qkv_rope(cfg):
+        rstd_rope_epi.gemm(h, wqkv, torch.empty(M, wqkv.shape[0], device="cuda", dtype=torch.bfloat16),
+                           None, epi_args=dict(pos=pos, freq=freq, rstd=rstd), **cfg)
+
+    hc, wout, logits = bf(CHUNK, d), bf(VOCAB, d), bf(CHUNK, VOCAB)
+    rc, tgt = rstd[:CHUNK], torch.randint(0, VOCAB, (CHUNK,), device="cuda")
+    dw = torch.zeros(VOCAB, d, device="cuda")
+
+    def lse(cfg):
+        rstd_logits_lse_epi.gemm(hc, wout, torch.empty_like(logits), None, epi_args=dict(
+            rstd=rc, lse=torch.empty(CHUNK, cdiv(VOCAB, cfg["tile_N"]), device="cuda"),
+            target=tgt, target_logit=torch.zeros(CHUNK, device="cuda")), **cfg)
+
+    def lm_dgrad(cfg):
+        dgrad_zdz_epi.gemm(logits, wout.mT, torch.empty_like(hc), None, epi_args=dict(
+            x=hc, zdz=torch.empty(CHUNK, cdiv(d, cfg["tile_N"]), device="cuda")), **cfg)
+
+    def lm_wgrad(cfg):
+        identity_epi.gemm(logits.mT, hc.mT, dw, None, epi_args={}, add_to_output=True, **cfg)
+
     return {
+        "qkv_rope": (lambda: h @ wqkv.t(), qkv_rope),
+        "logits": (lambda: hc @ wout.t(), lse),
+        "lm_head_dgrad": (lambda: logits @ wout, lm_dgrad),
+        "lm_head_wgrad": (lambda: logits.t() @ hc, lm_wgrad),
         "residual_wo": (lambda: o @ wo.t(), residual(wo, o)),
         "residual_w2": (lambda: a @ w2.t(), residual(w2, a)),
         "swiglu": (lambda: h @ w13.t(), swiglu),
@@ -71,9 +102,12 @@ def cases(d, f):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument("--gemms", nargs="*", help="only these GEMMs")
     args = parser.parse_args()
     for size in args.sizes:
         for name, (cublas, launch) in cases(*SIZES[size]).items():
+            if args.gemms and name not in args.gemms:
+                continue
             base = do_bench(cublas, return_mode="median")
             results = []
             for cfg in CANDIDATES:

@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from ..deferred_rmsnorm import fold_norm_weight, unfold_weight_grads
+
 
 def _cfg(tile_m, tile_n, cluster_m, cluster_n, pingpong):
     return dict(tile_M=tile_m, tile_N=tile_n, cluster_M=cluster_m, cluster_N=cluster_n,
@@ -33,11 +35,19 @@ TILES = {
     "qkv_rope": _cfg(128, 192, 2, 1, True),
     # LM head logits + log-sum-exp + target: not measured yet.
     "logits": _cfg(128, 256, 2, 1, False),
+    # LM head dgrad + ZdZ reduce: not measured yet.
+    "lm_head_dgrad": _cfg(256, 128, 1, 2, False),
     # LM head wgrad, fp32 reduce-add: not measured yet.
     "lm_head_wgrad": _cfg(128, 256, 2, 1, False),
     # dgrad + RMSNorm backward.  1B 1.584 ms (cuBLAS 1.522), 8B 5.525 (6.170).
     "rmsnorm_grad": _cfg(256, 128, 1, 2, False),
 }
+
+
+# Weight-sized steps around the GEMMs, each fused into one pass by Inductor
+# (eager PyTorch would make several passes over V x D fp32 temporaries).
+fold_weight = torch.compile(fold_norm_weight, dynamic=False)
+unfold_grads = torch.compile(unfold_weight_grads, dynamic=False)
 
 
 def cdiv(a: int, b: int) -> int:

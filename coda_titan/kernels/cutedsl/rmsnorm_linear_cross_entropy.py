@@ -2,28 +2,32 @@
 (math: ``..rmsnorm_linear_cross_entropy``).
 
 Per chunk of tokens:
-  1. ``z = r * (h @ W'.T)``: the epilogue stores the bf16 logits of the chunk
-     (as TorchTitan's bf16 logits are) and reduces per-tile log-sum-exp
-     partials (online max / sum-exp) and the target logit.
-  2. One elementwise pass (torch.compile-generated) turns the chunk's logits
-     into ``dzr = r * (softmax(z) - onehot)`` in place and ``c = sum(dz * z)``.
-  3. ``dh = dzr @ W' - (r**2 c / D) h``: dgrad with the RMSNorm backward epilogue.
+  1. ``z = r * (h @ W'.T)``: the epilogue stores the chunk's bf16 logits (as
+     TorchTitan's bf16 logits are) and reduces per-tile log-sum-exp partials
+     (online max / sum-exp) and the target logit.
+  2. quack's CuTe DSL cross-entropy backward turns the logits into
+     ``dzr = r * (softmax(z) - onehot)`` in place (0 on ignored tokens), with
+     ``r`` as its per-row upstream gradient.
+  3. ``dzr @ W'``: the dgrad GEMM's epilogue also reduces ``c = sum(acc * h)``,
+     which equals ZdZ ``sum(dz * z)`` because ``z = r * (W' h)``; a pass over the
+     (chunk, D) result then applies ``dh = acc - (r**2 c / D) h``.
   4. ``dW' += dzr.T @ h``: wgrad accumulated in fp32 by the GEMM's TMA reduce-add.
 Peak memory: one chunk of bf16 logits plus the fp32 weight-gradient accumulator.
 """
 
 import torch
+from quack.cross_entropy import cross_entropy_bwd
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.library import identity_epi
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, ColVecSelect, OnlineLSEReduce
 
-from ..deferred_rmsnorm import rstd_from_sumsq, unfold_weight_grads
+from ..deferred_rmsnorm import rstd_from_sumsq
 from ..rmsnorm_linear_cross_entropy import IGNORE_INDEX, RMSNormLinearCrossEntropy
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
-from .gemm import TILES, cdiv, unsupported_reason, warn_fallback
-from .rmsnorm_linear_grad import rmsnorm_linear_grad
+from .gemm import TILES, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback
 
 CFG_LOGITS = TILES["logits"]
+CFG_DGRAD = TILES["lm_head_dgrad"]
 CFG_WGRAD = TILES["lm_head_wgrad"]
 
 _target = ColVecLoad("target")
@@ -38,6 +42,12 @@ def rstd_logits_lse_epi(acc, rstd):
     """z = r * acc: stored, folded into per-tile log-sum-exp, target column selected."""
     z = acc * rstd
     return {"D": z, "lse": z, "target_logit": z}
+
+
+@gemm_epilogue(reduces={"zdz": ColVecReduce("zdz", scaled=True)})
+def dgrad_zdz_epi(acc, x):
+    """Store acc = dzr @ W'; reduce sum(acc * x) = sum(dz * z) per row."""
+    return {"D": acc, "zdz": (acc, x)}
 
 
 @torch.library.custom_op("coda::rmsnorm_logits_lse", mutates_args=(), device_types="cuda")
@@ -60,22 +70,24 @@ def _(h, rstd, folded_weight, target):
             h.new_empty(m, dtype=torch.float32))
 
 
-@torch.library.custom_op("coda::accumulate_wgrad", mutates_args=("out",), device_types="cuda")
-def accumulate_wgrad(out: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
-    """out (N, K) fp32 += dz.T @ x, dz (M, N), x (M, K)."""
-    identity_epi.gemm(dz.mT, x.mT, out, None, epi_args={}, add_to_output=True, **CFG_WGRAD)
+@torch.library.custom_op("coda::rmsnorm_lm_head_dgrad", mutates_args=("dh",), device_types="cuda")
+def rmsnorm_lm_head_dgrad(
+    dh: torch.Tensor, dzr: torch.Tensor, folded_weight: torch.Tensor, h: torch.Tensor,
+    rstd: torch.Tensor,
+) -> None:
+    """dh = dzr @ W' - (r**2 c / D) h, c = sum(dz * z) reduced in the epilogue."""
+    partials = torch.empty(h.shape[0], cdiv(h.shape[1], CFG_DGRAD["tile_N"]),
+                           dtype=torch.float32, device=h.device)
+    dgrad_zdz_epi.gemm(dzr, folded_weight.mT, dh, None, epi_args=dict(x=h, zdz=partials),
+                       **CFG_DGRAD)
+    corr = rstd.square() * partials.sum(-1) * (-1.0 / h.shape[1])
+    dh.addcmul_(h, corr[:, None].to(h.dtype))
 
 
-@torch.compile(dynamic=True)
-def cross_entropy_grad(logits, lse, target_logit, target, scale):
-    """In place: logits -> scale * (softmax - onehot); returns sum(dz * z) per row."""
-    z = logits.float()
-    valid = target != IGNORE_INDEX
-    p = torch.exp(z - lse[:, None])
-    zdz = torch.where(valid, (p * z).sum(-1) - target_logit, 0.0)
-    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == target[:, None]
-    logits.copy_(((p - onehot.float()) * (scale * valid)[:, None]).to(logits.dtype))
-    return zdz
+@torch.library.custom_op("coda::wgrad_fp32", mutates_args=("out",), device_types="cuda")
+def wgrad_fp32(out: torch.Tensor, dz: torch.Tensor, x: torch.Tensor, accumulate: bool) -> None:
+    """out (N, K) fp32 (+)= dz.T @ x, dz (M, N), x (M, K)."""
+    identity_epi.gemm(dz.mT, x.mT, out, None, epi_args={}, add_to_output=accumulate, **CFG_WGRAD)
 
 
 class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
@@ -83,23 +95,22 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
 
     @staticmethod
     def forward(ctx, h, norm_weight, weight, labels, eps, chunk_tokens):
-        folded = (weight.float() * norm_weight.float()).to(weight.dtype)
+        folded = fold_weight(weight, norm_weight)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = torch.empty_like(h)
-        dfolded = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        dfolded = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_tokens):
-            hc = h[start : start + chunk_tokens]
-            target = labels[start : start + chunk_tokens]
+            rows = slice(start, start + chunk_tokens)
+            hc, target = h[rows], labels[rows]
             sumsq = torch.linalg.vector_norm(hc, dim=-1, dtype=torch.float32).square()
             rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
             logits, lse, target_logit = rmsnorm_logits_lse(hc, rstd, folded, target)
-            valid = target != IGNORE_INDEX
-            loss += torch.where(valid, lse - target_logit, 0.0).sum()
-            zdz = cross_entropy_grad(logits, lse, target_logit, target, rstd)
-            dh[start : start + chunk_tokens] = rmsnorm_linear_grad(
-                logits, folded, hc, rstd.square() * zdz, None)
-            accumulate_wgrad(dfolded, logits, hc)
-        dweight, dnorm = unfold_weight_grads(dfolded, weight, norm_weight)
+            loss += torch.where(target != IGNORE_INDEX, lse - target_logit, 0.0).sum()
+            cross_entropy_bwd(logits, target, rstd, lse, ignore_index=IGNORE_INDEX,
+                              inplace_backward=True)
+            rmsnorm_lm_head_dgrad(dh[rows], logits, folded, hc, rstd)
+            wgrad_fp32(dfolded, logits, hc, start > 0)
+        dweight, dnorm = unfold_grads(dfolded, weight, norm_weight)
         ctx.save_for_backward(dh, dnorm, dweight)
         return loss
 

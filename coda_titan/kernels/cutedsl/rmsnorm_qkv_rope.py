@@ -20,10 +20,10 @@ from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, RowVecLoad
 from quack.epilogue.rotary import _angle_turns, _sincos_turns, make_interleaved_inv_freq
 
-from ..deferred_rmsnorm import rstd_from_sumsq, unfold_weight_grads
+from ..deferred_rmsnorm import rstd_from_sumsq
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
-from ..rmsnorm_qkv_rope import rope_tables, rotate
-from .gemm import TILES, unsupported_reason, warn_fallback
+from ..rmsnorm_qkv_rope import rotate
+from .gemm import TILES, fold_weight, unfold_grads, unsupported_reason, warn_fallback
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
 CFG = TILES["qkv_rope"]
@@ -56,9 +56,29 @@ def _(x, rstd, folded_weight, positions, freq):
     return x.new_empty(x.shape[0], folded_weight.shape[0])
 
 
-@torch.compile(dynamic=True)
-def rope_backward_zdz(dq, dk, dv, q, k, v, cos, sin, rstd):
-    """``(r * [R^T dq, R^T dk, dv], sum(dq*q + dk*k + dv*v))``."""
+_freq_tables: dict[tuple, torch.Tensor] = {}
+
+
+def rope_freq_table(freqs_cis: torch.Tensor, nq: int, nk: int, nv: int) -> torch.Tensor:
+    """The (nq + nk + nv,) float-float inverse-frequency row the epilogue reads:
+    TorchTitan's (scaled) frequencies, repeated per q/k head, 0 on v columns.
+    Built once per RoPE table (a model buffer) and cached: it is ~10 small launches."""
+    key = (freqs_cis.data_ptr(), freqs_cis._version, freqs_cis.shape, nq, nk, nv)
+    if torch.compiler.is_compiling() or key not in _freq_tables:
+        inv_freq = freqs_cis[1].angle().double()
+        table = make_interleaved_inv_freq(inv_freq, nq + nk, nv, 2 * freqs_cis.shape[-1])
+        if torch.compiler.is_compiling():
+            return table
+        _freq_tables[key] = table
+    return _freq_tables[key]
+
+
+@torch.compile(dynamic=False)
+def rope_backward_zdz(dq, dk, dv, q, k, v, freqs_real, positions, rstd):
+    """``(r * [R^T dq, R^T dk, dv], sum(dq*q + dk*k + dv*v))``; ``freqs_real`` is
+    ``view_as_real(freqs_cis)``."""
+    table = freqs_real[positions]
+    cos, sin = table[..., 0], table[..., 1]
     acc = rstd.dtype
     dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
     zdz = (dq * q.to(acc)).sum(-1) + (dk * k.to(acc)).sum(-1) + (dv * v.to(acc)).sum(-1)
@@ -72,11 +92,9 @@ class RMSNormQKVRoPEKernel(torch.autograd.Function):
         sumsq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
         rstd = rstd_from_sumsq(sumsq, x.shape[-1], eps)
         weight = torch.cat((wq, wk, wv))
-        folded = (weight.float() * norm_weight.float()).to(weight.dtype)
+        folded = fold_weight(weight, norm_weight)
         nq, nk, nv = wq.shape[0], wk.shape[0], wv.shape[0]
-        head_dim = 2 * freqs_cis.shape[-1]
-        inv_freq = freqs_cis[1].angle().double()
-        freq = make_interleaved_inv_freq(inv_freq, nq + nk, nv, head_dim).to(x.device)
+        freq = rope_freq_table(freqs_cis, nq, nk, nv)
         qkv = rmsnorm_qkv_rope_fwd(x, rstd, folded, positions.float(), freq)
         q, k, v = qkv.split((nq, nk, nv), dim=-1)
         ctx.save_for_backward(x, rstd, norm_weight, weight, folded, freqs_cis, positions, q, k, v)
@@ -85,10 +103,10 @@ class RMSNormQKVRoPEKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x, rstd, norm_weight, weight, folded, freqs_cis, positions, q, k, v = ctx.saved_tensors
-        cos, sin = rope_tables(freqs_cis, positions, x.dtype)
-        dzr, zdz = rope_backward_zdz(dq, dk, dv, q, k, v, cos, sin, rstd)
+        dzr, zdz = rope_backward_zdz(dq, dk, dv, q, k, v, torch.view_as_real(freqs_cis),
+                                     positions, rstd)
         dx = rmsnorm_linear_grad(dzr, folded, x, rstd.square() * zdz, None)
-        dweight, dnorm = unfold_weight_grads(dzr.t() @ x, weight, norm_weight)
+        dweight, dnorm = unfold_grads(dzr.t() @ x, weight, norm_weight)
         dwq, dwk, dwv = dweight.split((q.shape[-1], k.shape[-1], v.shape[-1]))
         return dx, dnorm, dwq, dwk, dwv, None, None, None
 

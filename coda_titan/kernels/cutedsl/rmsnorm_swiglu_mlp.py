@@ -24,8 +24,8 @@ from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, ColVecReduce
 
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
-from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq, unfold_weight_grads
-from .gemm import TILES, cdiv, unsupported_reason, warn_fallback
+from ..deferred_rmsnorm import fold_norm_weight, row_sumsq, rstd_from_sumsq
+from .gemm import TILES, cdiv, unfold_grads, unsupported_reason, warn_fallback
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
@@ -57,6 +57,13 @@ def dswiglu_zdz_epi(acc, c, rstd):
 
 def interleave_rows(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     return torch.stack((w1, w3), dim=1).reshape(-1, w1.shape[1])
+
+
+@torch.compile(dynamic=False)
+def interleave_fold(w1, w3, norm_weight):
+    """(W13, W13 * g): gate/up rows interleaved, and norm weight folded, in one pass."""
+    w13 = interleave_rows(w1, w3)
+    return w13, fold_norm_weight(w13, norm_weight)
 
 
 @torch.library.custom_op("coda::rmsnorm_swiglu_fwd", mutates_args=(), device_types="cuda")
@@ -99,8 +106,7 @@ class RMSNormSwiGLUMLPKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, sumsq, norm_weight, w1, w3, w2, eps):
         rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
-        w13 = interleave_rows(w1, w3)
-        w13_folded = (w13.float() * norm_weight.float()).to(w13.dtype)
+        w13, w13_folded = interleave_fold(w1, w3, norm_weight)
         gu, act = rmsnorm_swiglu_fwd(h, rstd, w13_folded)
         out, _ = linear_residual_sumsq_fwd(h, act, w2)
         ctx.save_for_backward(h, rstd, norm_weight, w13, w13_folded, w2, gu)
@@ -113,7 +119,7 @@ class RMSNormSwiGLUMLPKernel(torch.autograd.Function):
         dgu, act, zdz = dswiglu_zdz(dout, w2, gu, rstd)
         dw2 = dout.t() @ act
         dh = rmsnorm_linear_grad(dgu, w13_folded, h, rstd.square() * zdz, dout)
-        dw13, dnorm = unfold_weight_grads(dgu.t() @ h, w13, norm_weight)
+        dw13, dnorm = unfold_grads(dgu.t() @ h, w13, norm_weight)
         return dh, None, dnorm, dw13[0::2], dw13[1::2], dw2, None
 
 
