@@ -16,6 +16,7 @@ backward
 
 import torch
 from quack.epilogue import gemm_epilogue
+from torch.utils.weak import WeakTensorKeyDictionary
 from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, RowVecLoad
 from quack.epilogue.rotary import _angle_turns, _sincos_turns, make_interleaved_inv_freq
@@ -56,21 +57,23 @@ def _(x, rstd, folded_weight, positions, freq):
     return x.new_empty(x.shape[0], folded_weight.shape[0])
 
 
-_freq_tables: dict[tuple, torch.Tensor] = {}
+# Per RoPE table tensor (weakly held: an entry dies with its tensor).
+_freq_tables = WeakTensorKeyDictionary()
 
 
 def rope_freq_table(freqs_cis: torch.Tensor, nq: int, nk: int, nv: int) -> torch.Tensor:
     """The (nq + nk + nv,) float-float inverse-frequency row the epilogue reads:
     TorchTitan's (scaled) frequencies, repeated per q/k head, 0 on v columns.
     Built once per RoPE table (a model buffer) and cached: it is ~10 small launches."""
-    key = (freqs_cis.data_ptr(), freqs_cis._version, freqs_cis.shape, nq, nk, nv)
-    if torch.compiler.is_compiling() or key not in _freq_tables:
-        inv_freq = freqs_cis[1].angle().double()
-        table = make_interleaved_inv_freq(inv_freq, nq + nk, nv, 2 * freqs_cis.shape[-1])
-        if torch.compiler.is_compiling():
-            return table
-        _freq_tables[key] = table
-    return _freq_tables[key]
+    key = (freqs_cis._version, nq, nk, nv)
+    cached = None if torch.compiler.is_compiling() else _freq_tables.get(freqs_cis)
+    if cached is not None and key in cached:
+        return cached[key]
+    inv_freq = freqs_cis[1].angle().double()
+    table = make_interleaved_inv_freq(inv_freq, nq + nk, nv, 2 * freqs_cis.shape[-1])
+    if not torch.compiler.is_compiling():
+        _freq_tables.setdefault(freqs_cis, {})[key] = table
+    return table
 
 
 @torch.compile(dynamic=False)
