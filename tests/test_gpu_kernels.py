@@ -183,6 +183,37 @@ def test_converted_1b_block_matches_reference_path():
         assert err_f <= 1e-2 and err_f <= 1.5 * err_r + 2e-3, (i, err_f, err_r)
 
 
+def test_converted_block_compiles_fullgraph_like_torchtitan():
+    """TorchTitan compiles each block with torch.compile(fullgraph=True): the
+    kernel path must trace without graph breaks and match eager."""
+    import copy
+
+    from torchtitan.models.llama3.model.model import TransformerBlock, precompute_freqs_cis
+
+    from coda_titan.config import Coda
+    from coda_titan.layers import CodaTransformerBlock
+    from coda_titan.train_spec import coda_llama3_args
+
+    torch.manual_seed(12)
+    args = coda_llama3_args["debugmodel_gqa"]
+    block = TransformerBlock(0, args).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        block.init_weights()
+    eager = CodaTransformerBlock.convert(block, Coda(), "cutedsl")
+    compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    freqs = precompute_freqs_cis(args.dim // args.n_heads, 512, args.rope_theta).cuda()
+    x = torch.randn(2, 512, args.dim, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    results = []
+    for module in (eager, compiled):
+        xi = x.clone().requires_grad_()
+        out = module(xi, freqs, None)
+        out.backward(grad)
+        results.append((out, xi.grad))
+    assert rel_err(results[1][0], results[0][0]) < 1e-2
+    assert rel_err(results[1][1], results[0][1]) < 1e-2
+
+
 def test_unsupported_inputs_fall_back_with_warning():
     from coda_titan.kernels.cutedsl import OPS
 

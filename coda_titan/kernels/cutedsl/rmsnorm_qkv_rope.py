@@ -116,8 +116,6 @@ class RMSNormQKVRoPEKernel(torch.autograd.Function):
 
 def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
     reason = unsupported_reason(x, wq, wk, wv)
-    if reason is None and (2 * freqs_cis.shape[-1]) % 32 != 0:
-        reason = f"head_dim {2 * freqs_cis.shape[-1]} not a multiple of 32"
     if reason is not None:
         warn_fallback("rmsnorm_qkv_rope", reason)
         return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
