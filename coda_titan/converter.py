@@ -99,29 +99,35 @@ class CodaConverter:
             )
 
     def convert(self, model: nn.Module) -> None:
-        if not isinstance(model, Transformer):
-            raise TypeError(
-                f"the coda converter handles TorchTitan llama3 Transformer models, "
-                f"got {type(model).__name__}"
-            )
-        coda = self.coda
-        if coda.fuse_norm_qkv_rope or coda.fuse_wo_residual or coda.fuse_norm_swiglu_mlp:
-            for block in model.layers.values():
-                CodaTransformerBlock.convert(block, coda, self.backend)
-        if coda.fuse_norm_output_loss:
-            model.norm.__class__ = DeferredRMSNorm
-            model.output.__class__ = FusedLMHead
-            model.output.backend = self.backend
-            model.output.chunk_tokens = coda.loss_chunk_tokens
-        on = [name for name in ("norm_qkv_rope", "wo_residual", "norm_swiglu_mlp",
-                                "norm_output_loss") if getattr(coda, f"fuse_{name}")]
-        logger.info(
-            f"CODA: converted {len(model.layers)} blocks, fusions {on or 'none'}, "
-            f"backend {self.backend}"
-        )
+        convert_model(model, self.coda, self.backend)
 
     def post_optimizer_hook(self, model: nn.Module | list[nn.Module]) -> None:
         pass
+
+
+def convert_model(model: nn.Module, coda: Coda, backend: str) -> None:
+    """Convert a TorchTitan llama3 ``Transformer`` in place (what the converter runs).
+
+    ``backend`` is a resolved backend (``resolve_backend(coda.backend)``).
+    """
+    if not isinstance(model, Transformer):
+        raise TypeError(
+            f"the coda converter handles TorchTitan llama3 Transformer models, "
+            f"got {type(model).__name__}"
+        )
+    if coda.fuse_norm_qkv_rope or coda.fuse_wo_residual or coda.fuse_norm_swiglu_mlp:
+        for block in model.layers.values():
+            CodaTransformerBlock.convert(block, coda, backend)
+    if coda.fuse_norm_output_loss:
+        model.norm.__class__ = DeferredRMSNorm
+        model.output.__class__ = FusedLMHead
+        model.output.backend = backend
+        model.output.chunk_tokens = coda.loss_chunk_tokens
+    on = [name for name in ("norm_qkv_rope", "wo_residual", "norm_swiglu_mlp", "norm_output_loss")
+          if getattr(coda, f"fuse_{name}")]
+    logger.info(
+        f"CODA: converted {len(model.layers)} blocks, fusions {on or 'none'}, backend {backend}"
+    )
 
 
 register_model_converter(CodaConverter, "coda")

@@ -12,7 +12,7 @@ from torchtitan.protocols.model_converter import build_model_converters
 
 import coda_titan  # noqa: F401  (registers the converter and train spec)
 from coda_titan.config import Coda
-from coda_titan.converter import CodaConverter
+from coda_titan.converter import CodaConverter, convert_model
 from coda_titan.layers import CodaTransformerBlock, DeferredRMSNorm, FusedLMHead, LMHeadInput
 from coda_titan.train_spec import build_coda_loss
 
@@ -57,9 +57,7 @@ def make_model(n_kv_heads=4, dtype=torch.float64, seed=0):
 
 
 def convert(model, coda: Coda):
-    converter = CodaConverter.__new__(CodaConverter)
-    converter.coda, converter.backend = coda, "reference"
-    converter.convert(model)
+    convert_model(model, coda, "reference")
     return model
 
 

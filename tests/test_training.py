@@ -7,6 +7,7 @@ losses agree to bf16 rounding, not bit-for-bit: seen <= 1.1e-3 apart over
 """
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def train(config: str, dump: Path) -> dict:
     info, rows = read_wandb_history(run_file)
     info["history"] = rows
     info["log"] = result.stdout + result.stderr
+    info["run_file"] = run_file
     return info
 
 
@@ -71,3 +73,19 @@ def test_wandb_runs_named_by_arm_and_grouped_for_comparison(runs):
     assert runs["baseline"]["group"] == runs["coda"]["group"]
     assert runs["coda"]["config"]["coda"]["backend"] == "auto"
     assert runs["coda"]["config"]["model"]["converters"] == ["coda"]
+
+
+def test_compare_runs_reports_speed_and_loss_parity(runs, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts/compare_runs.py"), runs["baseline"]["run_file"],
+         str(Path(runs["coda"]["run_file"]).parent), "--out", str(tmp_path), "--warmup", "2"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "comparison.json").read_text())
+    assert summary["aligned_steps"] == STEPS - 2
+    assert summary["loss_max_abs_diff"] < 1e-2
+    assert summary["baseline_tok_s"] > 0 and summary["coda_tok_s"] > 0
+    assert summary["run_a"] == "baseline-debugmodel"
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
+    assert "Loss parity over 6 aligned steps" in (tmp_path / "comparison.md").read_text()

@@ -1,0 +1,222 @@
+"""Training-step benchmark: TorchTitan's LLaMA-3 model, three arms in one process.
+
+  baseline  TorchTitan's model, each block under torch.compile(fullgraph=True),
+            bf16 logits + fp32 cross-entropy (TorchTitan's loss), compiled
+  liger     the same model with Liger-Kernel's RMSNorm, SiLU-mul and fused
+            linear cross-entropy swapped in, eager (Liger's RMSNorm does not
+            trace under per-block compile), as a TorchTitan user would do today
+  coda      the model converted by coda_titan (all fusions, cutedsl backend),
+            each block under torch.compile(fullgraph=True)
+
+Each step is forward + backward + gradient clipping + fused AdamW, bf16
+parameters, random tokens. Reports the median step time, tokens/s, peak memory
+and a profiler breakdown of one step by kernel class (GEMM, attention, other).
+Writes benchmarks/results/step_<gpu>.{json,md}.
+
+  python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
+"""
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torchtitan.components.loss import cross_entropy_loss
+from torchtitan.models.llama3.model.model import Transformer
+from torchtitan.tools.utils import set_default_dtype
+
+from coda_titan.config import Coda
+from coda_titan.converter import convert_model
+from coda_titan.train_spec import build_coda_loss, coda_llama3_args
+
+GEMM_MARKERS = ("gemm", "nvjet", "GemmMod", "xmma", "cublas", "cutlass_kernel_quackepilogue")
+ATTENTION_MARKERS = ("flash", "fmha", "attention", "sdpa")
+
+
+def build_model(flavor: str, seq: int) -> Transformer:
+    torch.manual_seed(0)
+    with torch.device("meta"), set_default_dtype(torch.bfloat16):
+        return Transformer(replace(coda_llama3_args[flavor], max_seq_len=seq))
+
+
+def materialize(model: Transformer) -> Transformer:
+    model.to_empty(device="cuda")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.init_weights(buffer_device=torch.device("cuda"))
+    return model
+
+
+def compile_blocks(model: Transformer) -> None:
+    for name, block in model.layers.named_children():
+        model.layers.register_module(name, torch.compile(block, fullgraph=True))
+
+
+def baseline_arm(flavor, seq):
+    model = materialize(build_model(flavor, seq))
+    compile_blocks(model)
+    return model, torch.compile(cross_entropy_loss)
+
+
+def liger_arm(flavor, seq):
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerRMSNorm
+    from torchtitan.models.llama3.model.model import FeedForward
+
+    model = materialize(build_model(flavor, seq))
+
+    def to_liger_norm(norm):
+        liger = LigerRMSNorm(norm.weight.shape[0], eps=norm.eps).to("cuda", torch.bfloat16)
+        liger.weight = norm.weight
+        return liger
+
+    for block in model.layers.values():
+        block.attention_norm = to_liger_norm(block.attention_norm)
+        block.ffn_norm = to_liger_norm(block.ffn_norm)
+        block.feed_forward.forward = (
+            lambda x, ff=block.feed_forward: ff.w2(LigerSiLUMulFunction.apply(ff.w1(x), ff.w3(x)))
+        )
+    assert all(isinstance(b.feed_forward, FeedForward) for b in model.layers.values())
+    model.norm = to_liger_norm(model.norm)
+    output = model.output
+    model.output = torch.nn.Identity()
+    flce = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    def loss_fn(hidden, labels):
+        return flce(output.weight, hidden.flatten(0, 1), labels.flatten())
+
+    model.register_module("lm_head", output)  # keep its weight trained
+    return model, loss_fn
+
+
+def coda_arm(flavor, seq):
+    model = build_model(flavor, seq)
+    convert_model(model, Coda(backend="cutedsl", loss_chunk_tokens=2048), "cutedsl")
+    model = materialize(model)
+    compile_blocks(model)
+    loss_config = SimpleNamespace(
+        compile=SimpleNamespace(enable=True, components=["loss"], backend="inductor"))
+    return model, build_coda_loss(loss_config)
+
+
+ARMS = {"baseline": baseline_arm, "liger": liger_arm, "coda": coda_arm}
+
+
+def classify(name: str) -> str:
+    lowered = name.lower()
+    if any(m.lower() in lowered for m in ATTENTION_MARKERS):
+        return "attention"
+    if any(m.lower() in lowered for m in GEMM_MARKERS):
+        return "gemm"
+    return "other"
+
+
+def run_arm(arm, flavor, seq, batch, steps, warmup, top_kernels=0):
+    model, loss_fn = ARMS[arm](flavor, seq)
+    params = [p for p in model.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    vocab = coda_llama3_args[flavor].vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), device="cuda", generator=gen)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(inputs), labels) / labels.numel()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        return loss
+
+    first_loss = step().item()
+    for _ in range(warmup - 1):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = torch.cuda.max_memory_allocated() / 2**30
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    breakdown = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    for event in events:
+        breakdown[classify(event.key)] += event.device_time_total / 1e3
+    if top_kernels:
+        for event in events[:top_kernels]:
+            print(f"   {event.device_time_total / 1e3:8.2f} ms x{event.count:4d} "
+                  f"[{classify(event.key)}] {event.key[:100]}")
+    step_ms = statistics.median(times)
+    record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, step_ms=step_ms,
+                  tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
+                  profile_ms=breakdown)
+    del model, optimizer, params
+    gc.collect()
+    torch.cuda.empty_cache()
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--flavor", default="1B")
+    parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--top-kernels", type=int, default=0, help="print the N costliest kernels")
+    args = parser.parse_args()
+    records = []
+    for arm in args.arms:
+        rec = run_arm(arm, args.flavor, args.seq, args.batch, args.steps, args.warmup,
+                      args.top_kernels)
+        records.append(rec)
+        prof = rec["profile_ms"]
+        print(f"{arm:9s} {args.flavor} seq {args.seq} x {args.batch}: {rec['step_ms']:.1f} ms/step, "
+              f"{rec['tok_s'] / 1e3:.1f}k tok/s, peak {rec['peak_gib']:.1f} GiB, first loss "
+              f"{rec['first_loss']:.4f} | profile gemm {prof['gemm']:.1f} attention "
+              f"{prof['attention']:.1f} other {prof['other']:.1f} ms", flush=True)
+    base = next((r for r in records if r["arm"] == "baseline"), None)
+    if base:
+        for r in records:
+            r["speedup_vs_baseline"] = base["step_ms"] / r["step_ms"]
+    import quack
+
+    gpu = torch.cuda.get_device_name()
+    meta = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, quack=quack.__version__,
+                python=platform.python_version(), command="python " + " ".join(sys.argv))
+    tag = gpu.split()[1].lower() if gpu.startswith("NVIDIA") else gpu.replace(" ", "_").lower()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"step_{args.flavor.lower()}_{tag}"
+    (out / f"{name}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    lines = [f"# Training-step benchmark, LLaMA-3 {args.flavor}, {gpu}", "", "```",
+             json.dumps(meta, indent=1), "```", "",
+             "| arm | step ms | tok/s | speedup | peak GiB | GEMM ms | attention ms | other ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['arm']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
+              f"{r.get('speedup_vs_baseline', float('nan')):.3f} | {r['peak_gib']:.1f} | "
+              f"{r['profile_ms']['gemm']:.1f} | {r['profile_ms']['attention']:.1f} | "
+              f"{r['profile_ms']['other']:.1f} |" for r in records]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
