@@ -136,7 +136,7 @@ def lm_head_case(s):
         return F.cross_entropy(logits.float(), labels, reduction="sum")
 
     def coda(h, g, w):
-        return cutedsl.OPS.rmsnorm_linear_cross_entropy(h, g, w, labels, 1e-5, 2048)
+        return cutedsl.OPS.rmsnorm_linear_cross_entropy(h, g, w, labels, 1e-5, 4096)
 
     dz = randn(M, vocab)
     floors = {"fwd": lambda: h @ w.t(), "bwd": lambda: (dz @ w, dz.t() @ h)}

@@ -97,7 +97,7 @@ def liger_arm(flavor, seq):
 
 def coda_arm(flavor, seq):
     model = build_model(flavor, seq)
-    convert_model(model, Coda(backend="cutedsl", loss_chunk_tokens=2048), "cutedsl")
+    convert_model(model, Coda(backend="cutedsl", loss_chunk_tokens=4096), "cutedsl")
     model = materialize(model)
     compile_blocks(model)
     loss_config = SimpleNamespace(
