@@ -1,9 +1,9 @@
 """Which implementation the fused layers run: CuTe DSL kernels or the reference.
 
 ``auto`` picks the CuTe DSL kernels on an SM90 GPU with CuTe DSL and quack
-installed, else the PyTorch reference, and logs one line saying which and why.
-``cutedsl`` insists (and fails at start-up with the reason if it cannot run);
-``reference`` always runs the PyTorch path.
+installed, when the run's activations are bf16, else the PyTorch reference, and
+logs one line saying which and why. ``cutedsl`` insists (and fails at start-up
+with the reason if it cannot run); ``reference`` always runs the PyTorch path.
 """
 
 import importlib.util
@@ -24,13 +24,14 @@ def cutedsl_unavailable_reason() -> str | None:
     for module in ("cutlass", "quack"):
         if importlib.util.find_spec(module) is None:
             return f"python package {module!r} is not installed"
-    if importlib.util.find_spec("coda_titan.kernels.cutedsl") is None:
-        return "this coda-titan build has no CuTe DSL kernels yet"
     return None
 
 
-def resolve_backend(requested: str) -> str:
-    """Map ``auto | cutedsl | reference`` to the backend that will run."""
+def resolve_backend(requested: str, blocker: str | None = None) -> str:
+    """Map ``auto | cutedsl | reference`` to the backend that will run.
+
+    ``blocker`` is a reason of the caller's why the kernels cannot serve this
+    run even where they can run (e.g. float32 activations)."""
     if requested not in BACKENDS:
         raise ValueError(
             f"[coda] backend = {requested!r} is not valid; allowed values: {', '.join(BACKENDS)}"
@@ -38,7 +39,7 @@ def resolve_backend(requested: str) -> str:
     if requested == "reference":
         logger.info("CODA backend: reference (PyTorch), as configured")
         return "reference"
-    reason = cutedsl_unavailable_reason()
+    reason = cutedsl_unavailable_reason() or blocker
     if reason is None:
         logger.info("CODA backend: cutedsl (CuTe DSL GEMM-epilogue kernels)")
         return "cutedsl"

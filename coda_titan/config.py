@@ -37,7 +37,9 @@ class Coda:
     ``quantize.linear.float8`` after ``coda`` in ``[model] converters``)."""
 
     loss_chunk_tokens: int = 1024
-    """Tokens per chunk of the fused loss; peak memory ~ chunk x vocab x 4 bytes."""
+    """Tokens per chunk of the fused loss. Its memory is one chunk of logits
+    (chunk x vocab: bf16 on the kernels, a few fp32 copies on the reference)
+    plus an fp32 vocab x dim weight-gradient accumulator."""
 
     def __post_init__(self):
         for f in fields(self):

@@ -31,8 +31,8 @@ from .layers import CodaTransformerBlock, DeferredRMSNorm, FusedLMHead
 FLOAT8_CONVERTER = "quantize.linear.float8"
 
 
-def fused_linear_names(coda: Coda) -> list[str]:
-    """Block-relative (and top-level ``output``) names of the linears CODA fuses."""
+def fused_linear_fqns(model: Transformer, coda: Coda) -> list[str]:
+    """Fully qualified names of the linears CODA fuses (it reads their weights)."""
     names = []
     if coda.fuse_norm_qkv_rope:
         names += ["attention.wq", "attention.wk", "attention.wv"]
@@ -40,9 +40,19 @@ def fused_linear_names(coda: Coda) -> list[str]:
         names += ["attention.wo"]
     if coda.fuse_norm_swiglu_mlp:
         names += ["feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]
-    if coda.fuse_norm_output_loss:
-        names += ["output"]
-    return names
+    fqns = [f"layers.{layer}.{name}" for layer in model.layers for name in names]
+    return fqns + (["output"] if coda.fuse_norm_output_loss else [])
+
+
+def bf16_activations_reason(job_config: JobConfig, parallel_dims: ParallelDims) -> str | None:
+    """Why this run's blocks will not see bf16 activations (what the kernels take), or None."""
+    training = job_config.training
+    if training.dtype == "bfloat16":
+        return None
+    if parallel_dims.fsdp_enabled and training.mixed_precision_param == "bfloat16":
+        return None
+    return ('the residual stream is float32 ([training] dtype = "float32" without FSDP '
+            'mixed precision); set [training] dtype = "bfloat16" for the kernels')
 
 
 class CodaConverter:
@@ -60,6 +70,12 @@ class CodaConverter:
                 "the coda converter supports data parallelism (FSDP/DDP) only, "
                 "not tensor, pipeline or context parallelism"
             )
+        other_quantizers = [c for c in job_config.model.converters
+                            if c.startswith("quantize.") and c != FLOAT8_CONVERTER]
+        if other_quantizers:
+            raise NotImplementedError(
+                f"the coda converter combines with {FLOAT8_CONVERTER} only, not {other_quantizers}"
+            )
         from .train_spec import CODA_TRAIN_SPECS
 
         if coda.fuse_norm_output_loss and job_config.model.name not in CODA_TRAIN_SPECS:
@@ -69,12 +85,21 @@ class CodaConverter:
                 f"{sorted(CODA_TRAIN_SPECS)} (got {job_config.model.name!r}), or "
                 f"set fuse_norm_output_loss = false"
             )
-        self._check_fp8(coda, job_config)
+        if (coda.fuse_norm_output_loss and parallel_dims.fsdp_enabled
+                and job_config.parallelism.fsdp_reshard_after_forward == "always"):
+            raise ValueError(
+                '[coda] fuse_norm_output_loss reads the norm and output weights in the loss, '
+                'after their forward; [parallelism] fsdp_reshard_after_forward = "always" frees '
+                'them there. Use "default" or "never", or set fuse_norm_output_loss = false'
+            )
+        self._check_fp8_converters(coda, job_config)
         self.coda = coda
-        self.backend = resolve_backend(coda.backend)
+        self.float8_filters = (job_config.quantize.linear.float8.filter_fqns
+                               if FLOAT8_CONVERTER in job_config.model.converters else None)
+        self.backend = resolve_backend(coda.backend, bf16_activations_reason(job_config, parallel_dims))
 
     @staticmethod
-    def _check_fp8(coda: Coda, job_config: JobConfig) -> None:
+    def _check_fp8_converters(coda: Coda, job_config: JobConfig) -> None:
         converters = job_config.model.converters
         if FLOAT8_CONVERTER not in converters:
             if coda.fp8 == "torchao":
@@ -90,15 +115,18 @@ class CodaConverter:
             )
         if converters.index(FLOAT8_CONVERTER) < converters.index("coda"):
             raise ValueError(f'list "coda" before "{FLOAT8_CONVERTER}" in [model] converters')
-        filters = job_config.quantize.linear.float8.filter_fqns
-        missing = [n for n in fused_linear_names(coda) if not any(f in n for f in filters)]
-        if missing:
-            raise ValueError(
-                "these linears are fused by CODA and must stay out of float8: add "
-                f"{missing} to [quantize.linear.float8] filter_fqns"
-            )
 
     def convert(self, model: nn.Module) -> None:
+        if self.float8_filters is not None and isinstance(model, Transformer):
+            # float8's filter skips a linear when any filter string is part of its FQN.
+            missing = [fqn for fqn in fused_linear_fqns(model, self.coda)
+                       if not any(f in fqn for f in self.float8_filters)]
+            if missing:
+                raise ValueError(
+                    "these linears are fused by CODA and must stay out of float8; add their "
+                    f"names to [quantize.linear.float8] filter_fqns: {missing[:6]}"
+                    + (f" (and {len(missing) - 6} more)" if len(missing) > 6 else "")
+                )
         convert_model(model, self.coda, self.backend)
 
     def post_optimizer_hook(self, model: nn.Module | list[nn.Module]) -> None:

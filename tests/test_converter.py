@@ -189,19 +189,60 @@ FUSED_FILTER = "--quantize.linear.float8.filter_fqns=attention.wq,attention.wk,a
         ([f"--model.converters=coda,{FP8}", FUSED_FILTER, "--coda.no-fuse-wo-residual"], "fp8 = 'none'"),
         ([f"--model.converters={FP8},coda", "--coda.fp8=torchao", FUSED_FILTER,
           "--coda.no-fuse-wo-residual"], "before"),
-        ([f"--model.converters=coda,{FP8}", "--coda.fp8=torchao",
-          "--quantize.linear.float8.filter_fqns=output"], "attention.wq"),
     ],
-    ids=["fp8_without_converter", "converter_without_fp8", "wrong_order", "unfiltered"],
+    ids=["fp8_without_converter", "converter_without_fp8", "wrong_order"],
 )
 def test_fp8_combination_checks(args, message):
     with pytest.raises(ValueError, match=message):
         CodaConverter(job_config(*args), single_device())
 
 
-def test_fp8_combination_accepted():
-    CodaConverter(
-        job_config(f"--model.converters=coda,{FP8}", "--coda.fp8=torchao", FUSED_FILTER,
+@pytest.mark.parametrize("filters", [FUSED_FILTER, "--quantize.linear.float8.filter_fqns=layers,output"])
+def test_fp8_filters_accepted_when_they_cover_the_fused_fqns(filters):
+    converter = CodaConverter(
+        job_config(f"--model.converters=coda,{FP8}", "--coda.fp8=torchao", filters,
                    "--coda.no-fuse-wo-residual"),
         single_device(),
     )
+    converter.convert(make_model())
+
+
+def test_fp8_filters_checked_on_the_real_fqns():
+    converter = CodaConverter(
+        job_config(f"--model.converters=coda,{FP8}", "--coda.fp8=torchao",
+                   "--quantize.linear.float8.filter_fqns=output"),
+        single_device(),
+    )
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq"):
+        converter.convert(make_model())
+
+
+def test_other_quantizers_rejected():
+    with pytest.raises(NotImplementedError, match="quantize.linear.mx"):
+        CodaConverter(job_config("--model.converters=coda,quantize.linear.mx"), single_device())
+
+
+def test_fsdp_reshard_always_rejected_with_fused_loss():
+    dims = ParallelDims(dp_shard=2, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=2)
+    with pytest.raises(ValueError, match="fsdp_reshard_after_forward"):
+        CodaConverter(job_config("--parallelism.fsdp_reshard_after_forward=always"), dims)
+    CodaConverter(job_config("--parallelism.fsdp_reshard_after_forward=always",
+                             "--coda.no-fuse-norm-output-loss"), dims)
+
+
+def test_float32_activations_keep_the_kernels_off(monkeypatch):
+    """TorchTitan's single-device AMP keeps a float32 residual stream, which the bf16
+    kernels cannot take: auto picks the reference and says why; cutedsl refuses."""
+    import coda_titan.backend as backend
+    from coda_titan.converter import bf16_activations_reason
+
+    fsdp = ParallelDims(dp_shard=2, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=2)
+    reason = bf16_activations_reason(job_config(), single_device())
+    assert "float32" in reason
+    assert bf16_activations_reason(job_config("--training.dtype=bfloat16"), single_device()) is None
+    assert bf16_activations_reason(job_config(), fsdp) is None
+    monkeypatch.setattr(backend, "cutedsl_unavailable_reason", lambda: None)
+    assert backend.resolve_backend("auto", reason) == "reference"
+    assert backend.resolve_backend("auto", None) == "cutedsl"
+    with pytest.raises(RuntimeError, match="float32"):
+        backend.resolve_backend("cutedsl", reason)

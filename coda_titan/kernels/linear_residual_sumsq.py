@@ -3,7 +3,8 @@
 Forward::
 
     h  = x + o @ Wo.T
-    ss = sum(h**2)                 # per row, of h as stored (rounded)
+    ss = sum(h**2)                 # per row; here of h as stored, in the kernel
+                                   # of the fp32 h before its rounding
 
 ``ss`` is what the next RMSNorm needs (``r = rsqrt(ss / D + eps)``); in the
 kernel each N-tile of the GEMM epilogue writes a partial sum and a tiny

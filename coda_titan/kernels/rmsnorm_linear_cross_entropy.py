@@ -13,7 +13,8 @@ Per chunk of tokens (``chunk_tokens`` rows at a time), with ``W' = W * g``::
 The gradient is computed in the forward (the loss is a scalar, so backward
 only scales it by the incoming gradient): peak memory is one chunk of logits
 plus the weight-sized gradient accumulator, instead of M x V logits in bf16
-plus their fp32 copy. ``loss`` is the sum over tokens whose label is not
+plus their fp32 copy. Without autograd (``torch.no_grad()``, validation) only
+the loss is computed. ``loss`` is the sum over tokens whose label is not
 ``ignore_index``, as TorchTitan's ``cross_entropy_loss`` returns.
 """
 
@@ -33,14 +34,26 @@ from .deferred_rmsnorm import (
 IGNORE_INDEX = -100
 
 
+def check_labels(labels: torch.Tensor, vocab: int) -> None:
+    """Fail on a label outside [0, vocab) other than ignore_index, as
+    F.cross_entropy does (asynchronously on a GPU: no host sync)."""
+    valid = ((labels >= 0) & (labels < vocab)) | (labels == IGNORE_INDEX)
+    torch._assert_async(valid.all(), f"labels must be in [0, {vocab}) or {IGNORE_INDEX}")
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class RMSNormLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, norm_weight, weight, labels, eps, chunk_tokens):
+    def forward(ctx, h, norm_weight, weight, labels, eps, chunk_tokens, compute_grad):
         acc = acc_dtype(h.dtype)
         folded = fold_norm_weight(weight, norm_weight)
         loss = torch.zeros((), dtype=acc, device=h.device)
-        dh = torch.empty_like(h)
-        dfolded = torch.zeros(weight.shape, dtype=acc, device=h.device)
+        if compute_grad:
+            dh = torch.empty_like(h)
+            dfolded = torch.zeros(weight.shape, dtype=acc, device=h.device)
         for start in range(0, h.shape[0], chunk_tokens):
             hc = h[start : start + chunk_tokens]
             lc = labels[start : start + chunk_tokens]
@@ -50,6 +63,8 @@ class RMSNormLinearCrossEntropy(torch.autograd.Function):
             target = lc.clamp(min=0)
             lse = torch.logsumexp(z, dim=-1)
             loss += torch.where(valid, lse - z.gather(1, target[:, None])[:, 0], 0).sum()
+            if not compute_grad:
+                continue
             dz = torch.softmax(z, dim=-1)
             dz.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], -1.0))
             dz *= valid[:, None]
@@ -57,8 +72,9 @@ class RMSNormLinearCrossEntropy(torch.autograd.Function):
             dz = dz.to(weight.dtype)
             dh[start : start + chunk_tokens] = rmsnorm_input_grad(dz, hc, rstd, folded, zdz)
             dfolded += dz.t() @ normalized_input(hc, rstd, weight.dtype)
-        dweight, dnorm = unfold_weight_grads(dfolded, weight, norm_weight)
-        ctx.save_for_backward(dh, dnorm, dweight)
+        if compute_grad:
+            dweight, dnorm = unfold_weight_grads(dfolded, weight, norm_weight)
+            ctx.save_for_backward(dh, dnorm, dweight)
         return loss
 
     @staticmethod
@@ -68,6 +84,7 @@ class RMSNormLinearCrossEntropy(torch.autograd.Function):
             dh * dloss.to(dh.dtype),
             dnorm * dloss.to(dnorm.dtype),
             dweight * dloss.to(dweight.dtype),
+            None,
             None,
             None,
             None,
@@ -90,4 +107,6 @@ def rmsnorm_linear_cross_entropy(
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return RMSNormLinearCrossEntropy.apply(h, norm_weight, weight, labels, eps, chunk_tokens)
+    check_labels(labels, weight.shape[0])
+    return RMSNormLinearCrossEntropy.apply(h, norm_weight, weight, labels, eps, chunk_tokens,
+                                           needs_grad(h, norm_weight, weight))

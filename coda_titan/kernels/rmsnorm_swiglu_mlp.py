@@ -33,19 +33,22 @@ from .deferred_rmsnorm import (
 class RMSNormSwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, sumsq, norm_weight, w1, w3, w2, eps):
+        ctx.shape = h.shape
+        h2d = h.reshape(-1, h.shape[-1])
         rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
         w13 = torch.cat((w1, w3))
-        z = deferred_norm_linear(h, rstd, fold_norm_weight(w13, norm_weight))
+        z = deferred_norm_linear(h2d, rstd, fold_norm_weight(w13, norm_weight))
         z1, z3 = z.chunk(2, dim=-1)
         a = (torch.nn.functional.silu(z1) * z3).to(w2.dtype)
-        out = (h.to(rstd.dtype) + (a @ w2.t()).to(rstd.dtype)).to(h.dtype)
-        ctx.save_for_backward(h, rstd, norm_weight, w13, w2, z.to(w2.dtype))
+        out = (h.to(rstd.dtype) + (a @ w2.t()).view(h.shape).to(rstd.dtype)).to(h.dtype)
+        ctx.save_for_backward(h2d, rstd, norm_weight, w13, w2, z.to(w2.dtype))
         return out
 
     @staticmethod
     def backward(ctx, dout):
         h, rstd, norm_weight, w13, w2, z = ctx.saved_tensors
         acc, dtype = rstd.dtype, w2.dtype
+        dout = dout.reshape(h.shape)
         dout_c = dout.to(dtype)
         da = (dout_c @ w2).to(acc)
         z1, z3 = z.to(acc).chunk(2, dim=-1)
@@ -63,7 +66,7 @@ class RMSNormSwiGLUMLP(torch.autograd.Function):
             dz.t() @ normalized_input(h, rstd, dtype), w13, norm_weight
         )
         dw1, dw3 = dw13.chunk(2)
-        return dh, None, dnorm, dw1, dw3, dw2, None
+        return dh.view(ctx.shape), None, dnorm, dw1, dw3, dw2, None
 
 
 def rmsnorm_swiglu_mlp(
@@ -75,11 +78,13 @@ def rmsnorm_swiglu_mlp(
     eps: float,
     sumsq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``h + w2(silu(w1(n)) * w3(n))``, ``n = RMSNorm(h)``; ``h`` is (M, D).
+    """``h + w2(silu(w1(n)) * w3(n))``, ``n = RMSNorm(h)``; ``h`` is (..., D).
 
-    ``sumsq`` is ``sum(h**2)`` per row when a producer already reduced it
-    (``linear_residual_sumsq``); otherwise one row-reduction pass computes it.
+    ``sumsq`` is ``sum(h**2)`` per row (flattened to (M,)) when a producer
+    already reduced it (``linear_residual_sumsq``); otherwise one row-reduction
+    pass computes it. The output has ``h``'s shape and is no view (it is a
+    block's output, which FSDP hooks).
     """
     if sumsq is None:
-        sumsq = row_sumsq(h.detach())
+        sumsq = row_sumsq(h.detach()).reshape(-1)
     return RMSNormSwiGLUMLP.apply(h, sumsq, norm_weight, w1, w3, w2, eps)

@@ -26,7 +26,9 @@ from .autocast import compute_weights, outside_autocast
 
 
 def _attend(attention, xq, xk, xv, attention_masks):
-    """TorchTitan's attention core on (bs, seqlen, heads, head_dim) q/k/v."""
+    """TorchTitan's attention core on (bs, seqlen, heads, head_dim) q/k/v: the
+    middle of torchtitan 0.2.2's ``Attention.forward`` (between the projections
+    and ``wo``), which offers no hook for it; revisit on a TorchTitan upgrade."""
     bs, seqlen = xq.shape[:2]
     xq, xk, xv = (t.transpose(1, 2) for t in (xq, xk, xv))
     match attention.attn_type:
@@ -102,13 +104,12 @@ class CodaTransformerBlock(TransformerBlock):
         else:
             h2d, sumsq = (x + attention.wo(attn)).view(-1, dim), None
 
+        h = h2d.view(bs, seqlen, dim)
         if not coda.fuse_norm_swiglu_mlp:
-            h = h2d.view(bs, seqlen, dim)
             return h + self.feed_forward(self.ffn_norm(h))
         ffn, norm = self.feed_forward, self.ffn_norm
         w1, w3, w2 = compute_weights(x, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight)
         with outside_autocast(x):
-            out = ops.rmsnorm_swiglu_mlp(
-                h2d, norm.weight, w1, w3, w2, resolve_eps(norm.eps, x.dtype), sumsq=sumsq
+            return ops.rmsnorm_swiglu_mlp(
+                h, norm.weight, w1, w3, w2, resolve_eps(norm.eps, x.dtype), sumsq=sumsq
             )
-        return out.view(bs, seqlen, dim)

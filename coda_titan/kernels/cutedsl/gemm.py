@@ -54,19 +54,28 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def unsupported_reason(*tensors: torch.Tensor) -> str | None:
-    """Why these operands cannot go to the SM90 bf16 kernels, or None."""
-    for t in tensors:
+def unsupported_reason(*activations: torch.Tensor, weights: tuple = ()) -> str | None:
+    """Why these operands cannot go to the SM90 bf16 kernels, or None.
+
+    Every dimension of a weight is a row stride or a column count of some
+    GEMM operand or output, so each must be a multiple of 8 (16 bytes); of an
+    activation only the last one is (M is free).
+    """
+    for t in (*activations, *weights):
         if not t.is_cuda:
             return "tensor not on a CUDA device"
         if t.dtype != torch.bfloat16:
             return f"dtype {t.dtype} (the kernels take bfloat16)"
         if not t.is_contiguous():
             return "non-contiguous tensor"
-        if t.shape[-1] % 8 != 0:
-            return f"last dimension {t.shape[-1]} not a multiple of 8"
         if t.numel() == 0:
             return "empty tensor"
+    for t in activations:
+        if t.shape[-1] % 8 != 0:
+            return f"dimension {t.shape[-1]} not a multiple of 8"
+    for w in weights:
+        if any(n % 8 for n in w.shape):
+            return f"weight shape {tuple(w.shape)} not a multiple of 8"
     return None
 
 
@@ -74,7 +83,10 @@ _warned: set[tuple[str, str]] = set()
 
 
 def warn_fallback(op: str, reason: str) -> None:
-    if (op, reason) not in _warned:
-        _warned.add((op, reason))
-        warnings.warn(f"coda_titan {op}: CuTe DSL kernel skipped ({reason}); using the PyTorch reference",
-                      stacklevel=3)
+    """Warn once per (op, reason). Silent while torch.compile traces: the same
+    call warns on its first eager run, and a warning would break fullgraph."""
+    if torch.compiler.is_compiling() or (op, reason) in _warned:
+        return
+    _warned.add((op, reason))
+    warnings.warn(f"coda_titan {op}: CuTe DSL kernel skipped ({reason}); using the PyTorch reference",
+                  stacklevel=3)

@@ -27,18 +27,21 @@ def residual_sumsq_epi(acc, c):
 def linear_residual_sumsq_fwd(
     x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + o @ W.T and sum(h**2) per row; x and h may have leading dims
+    (a block's output is no view then), o is (M, K)."""
     n, k = weight.shape
     cfg = TILES["residual_deep" if k > 2 * n else "residual_square"]
     h = torch.empty_like(x)
-    partials = torch.empty(x.shape[0], cdiv(n, cfg["tile_N"]), dtype=torch.float32,
+    partials = torch.empty(o.shape[0], cdiv(n, cfg["tile_N"]), dtype=torch.float32,
                            device=x.device)
-    residual_sumsq_epi.gemm(o, weight, h, x, epi_args=dict(sumsq=partials), **cfg)
+    residual_sumsq_epi.gemm(o, weight, h.view(-1, n), x.view(-1, n),
+                            epi_args=dict(sumsq=partials), **cfg)
     return h, partials.sum(-1)
 
 
 @linear_residual_sumsq_fwd.register_fake
 def _(x, o, weight):
-    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty(o.shape[0], dtype=torch.float32)
 
 
 class LinearResidualSumSqKernel(LinearResidualSumSq):
@@ -53,7 +56,7 @@ class LinearResidualSumSqKernel(LinearResidualSumSq):
 
 
 def linear_residual_sumsq(x, o, weight):
-    reason = unsupported_reason(x, o, weight)
+    reason = unsupported_reason(x, o, weights=(weight,))
     if reason is not None:
         warn_fallback("linear_residual_sumsq", reason)
         return reference(x, o, weight)

@@ -8,11 +8,13 @@ Per chunk of tokens:
   2. quack's CuTe DSL cross-entropy backward turns the logits into
      ``dzr = r * (softmax(z) - onehot)`` in place (0 on ignored tokens), with
      ``r`` as its per-row upstream gradient.
-  3. ``dzr @ W'``: the dgrad GEMM's epilogue also reduces ``c = sum(acc * h)``,
-     which equals ZdZ ``sum(dz * z)`` because ``z = r * (W' h)``; a pass over the
-     (chunk, D) result then applies ``dh = acc - (r**2 c / D) h``.
+  3. ``dzr @ W'``: the dgrad GEMM's epilogue stores fp32 ``acc`` and reduces
+     ``c = sum(acc * h)``, which equals ZdZ ``sum(dz * z)`` because
+     ``z = r * (W' h)``; ``c`` is complete only after every column tile, so one
+     pass over the (chunk, D) result applies ``dh = acc - (r**2 c / D) h``.
   4. ``dW' += dzr.T @ h``: wgrad accumulated in fp32 by the GEMM's TMA reduce-add.
 Peak memory: one chunk of bf16 logits plus the fp32 weight-gradient accumulator.
+Without autograd (validation) only step 1 runs.
 """
 
 import torch
@@ -22,7 +24,8 @@ from quack.epilogue.library import identity_epi
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, ColVecSelect, OnlineLSEReduce
 
 from ..deferred_rmsnorm import rstd_from_sumsq
-from ..rmsnorm_linear_cross_entropy import IGNORE_INDEX, RMSNormLinearCrossEntropy
+from ..rmsnorm_linear_cross_entropy import (
+    IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
 from .gemm import TILES, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback
 
@@ -70,18 +73,29 @@ def _(h, rstd, folded_weight, target):
             h.new_empty(m, dtype=torch.float32))
 
 
-@torch.library.custom_op("coda::rmsnorm_lm_head_dgrad", mutates_args=("dh",), device_types="cuda")
+@torch.compile(dynamic=False)
+def rmsnorm_correction(acc, h, corr):
+    """acc + corr * h, rounded once to h's dtype."""
+    return (acc + h.float() * corr[:, None]).to(h.dtype)
+
+
+@torch.library.custom_op("coda::rmsnorm_lm_head_dgrad", mutates_args=(), device_types="cuda")
 def rmsnorm_lm_head_dgrad(
-    dh: torch.Tensor, dzr: torch.Tensor, folded_weight: torch.Tensor, h: torch.Tensor,
-    rstd: torch.Tensor,
-) -> None:
+    dzr: torch.Tensor, folded_weight: torch.Tensor, h: torch.Tensor, rstd: torch.Tensor
+) -> torch.Tensor:
     """dh = dzr @ W' - (r**2 c / D) h, c = sum(dz * z) reduced in the epilogue."""
+    acc = torch.empty(h.shape, dtype=torch.float32, device=h.device)
     partials = torch.empty(h.shape[0], cdiv(h.shape[1], CFG_DGRAD["tile_N"]),
                            dtype=torch.float32, device=h.device)
-    dgrad_zdz_epi.gemm(dzr, folded_weight.mT, dh, None, epi_args=dict(x=h, zdz=partials),
+    dgrad_zdz_epi.gemm(dzr, folded_weight.mT, acc, None, epi_args=dict(x=h, zdz=partials),
                        **CFG_DGRAD)
     corr = rstd.square() * partials.sum(-1) * (-1.0 / h.shape[1])
-    dh.addcmul_(h, corr[:, None].to(h.dtype))
+    return rmsnorm_correction(acc, h, corr)
+
+
+@rmsnorm_lm_head_dgrad.register_fake
+def _(dzr, folded_weight, h, rstd):
+    return torch.empty_like(h)
 
 
 @torch.library.custom_op("coda::wgrad_fp32", mutates_args=("out",), device_types="cuda")
@@ -94,11 +108,12 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
     """The reference's backward (scale the gradients computed here) with a kernel forward."""
 
     @staticmethod
-    def forward(ctx, h, norm_weight, weight, labels, eps, chunk_tokens):
+    def forward(ctx, h, norm_weight, weight, labels, eps, chunk_tokens, compute_grad):
         folded = fold_weight(weight, norm_weight)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h)
-        dfolded = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
+        if compute_grad:
+            dh = torch.empty_like(h)
+            dfolded = torch.empty(weight.shape, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             hc, target = h[rows], labels[rows]
@@ -106,20 +121,25 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
             rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
             logits, lse, target_logit = rmsnorm_logits_lse(hc, rstd, folded, target)
             loss += torch.where(target != IGNORE_INDEX, lse - target_logit, 0.0).sum()
-            cross_entropy_bwd(logits, target, rstd, lse, ignore_index=IGNORE_INDEX,
-                              inplace_backward=True)
-            rmsnorm_lm_head_dgrad(dh[rows], logits, folded, hc, rstd)
-            wgrad_fp32(dfolded, logits, hc, start > 0)
-        dweight, dnorm = unfold_grads(dfolded, weight, norm_weight)
-        ctx.save_for_backward(dh, dnorm, dweight)
+            if not compute_grad:
+                continue
+            dzr = cross_entropy_bwd(logits, target, rstd, lse, ignore_index=IGNORE_INDEX,
+                                    inplace_backward=True)
+            dh[rows] = rmsnorm_lm_head_dgrad(dzr, folded, hc, rstd)
+            wgrad_fp32(dfolded, dzr, hc, start > 0)
+        if compute_grad:
+            dweight, dnorm = unfold_grads(dfolded, weight, norm_weight)
+            ctx.save_for_backward(dh, dnorm, dweight)
         return loss
 
 
 def rmsnorm_linear_cross_entropy(h, norm_weight, weight, labels, eps, chunk_tokens=1024):
-    reason = unsupported_reason(h, weight)
+    reason = unsupported_reason(h, weights=(weight,))
     if reason is None and chunk_tokens % 8 != 0:
         reason = f"chunk_tokens {chunk_tokens} not a multiple of 8"
     if reason is not None:
         warn_fallback("rmsnorm_linear_cross_entropy", reason)
         return reference(h, norm_weight, weight, labels, eps, chunk_tokens)
-    return RMSNormLinearCrossEntropyKernel.apply(h, norm_weight, weight, labels, eps, chunk_tokens)
+    check_labels(labels, weight.shape[0])
+    return RMSNormLinearCrossEntropyKernel.apply(h, norm_weight, weight, labels, eps, chunk_tokens,
+                                                 needs_grad(h, norm_weight, weight))

@@ -4,9 +4,11 @@ forward
   ``r`` from one row reduction over ``x`` (no producer GEMM precedes the block
   input), then one GEMM ``x @ [Wq; Wk; Wv]'.T`` (norm weight folded) whose
   epilogue scales by ``r`` and rotates each (even, odd) column pair by
-  ``position * inv_freq``; V columns carry frequency 0, an exact identity. The
-  angle is formed in float-float turns and reduced exactly (quack's rotary
-  helpers), so large positions keep their precision.
+  ``position * inv_freq``; V columns carry frequency 0, an exact identity.
+  ``inv_freq`` is read back from TorchTitan's float32 table (its llama3
+  scaling included); the product with the position is formed in float-float
+  turns and range-reduced exactly (quack's rotary helpers), so the angle is
+  at least as accurate as TorchTitan's float32 ``t * freq``.
 backward
   ``dzr = r * [R^T dq, R^T dk, dv]`` and ``sum(dz * z) = sum(dq*q + dk*k + dv*v)``
   in one elementwise pass (torch.compile-generated: no GEMM is adjacent), then
@@ -115,7 +117,7 @@ class RMSNormQKVRoPEKernel(torch.autograd.Function):
 
 
 def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
-    reason = unsupported_reason(x, wq, wk, wv)
+    reason = unsupported_reason(x, weights=(wq, wk, wv))
     if reason is not None:
         warn_fallback("rmsnorm_qkv_rope", reason)
         return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)

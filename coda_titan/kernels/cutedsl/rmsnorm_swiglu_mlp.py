@@ -1,9 +1,9 @@
 """ffn_norm + w1/w3 + SwiGLU + w2 + residual on quack's SM90 GEMM
 (math: ``..rmsnorm_swiglu_mlp``).
 
-Gate and up rows are interleaved, ``W13 = [g1*W1_0; g*W3_0; g*W1_1; ...]``
-(norm weight folded, a weight-sized op), so each accumulator pair is
-``(gate, up)`` of one hidden unit. Four GEMMs, each with our epilogue:
+Gate and up rows are interleaved, ``W13 = [W1[0]; W3[0]; W1[1]; W3[1]; ...]``,
+and the norm weight is folded in (``W13 * g``, a weight-sized op), so each
+accumulator pair is ``(gate, up)`` of one hidden unit. Four GEMMs, each with our epilogue:
 
 forward
   1. ``GU = h @ W13.T``; epilogue stores GU (unscaled pre-activation, saved)
@@ -105,29 +105,31 @@ def _(dout, w2, gu, rstd):
 class RMSNormSwiGLUMLPKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, sumsq, norm_weight, w1, w3, w2, eps):
+        ctx.shape = h.shape
+        h2d = h.reshape(-1, h.shape[-1])
         rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
         w13, w13_folded = interleave_fold(w1, w3, norm_weight)
-        gu, act = rmsnorm_swiglu_fwd(h, rstd, w13_folded)
+        gu, act = rmsnorm_swiglu_fwd(h2d, rstd, w13_folded)
         out, _ = linear_residual_sumsq_fwd(h, act, w2)
-        ctx.save_for_backward(h, rstd, norm_weight, w13, w13_folded, w2, gu)
+        ctx.save_for_backward(h2d, rstd, norm_weight, w13, w13_folded, w2, gu)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         h, rstd, norm_weight, w13, w13_folded, w2, gu = ctx.saved_tensors
-        dout = dout.contiguous()
+        dout = dout.reshape(h.shape).contiguous()
         dgu, act, zdz = dswiglu_zdz(dout, w2, gu, rstd)
         dw2 = dout.t() @ act
         dh = rmsnorm_linear_grad(dgu, w13_folded, h, rstd.square() * zdz, dout)
         dw13, dnorm = unfold_grads(dgu.t() @ h, w13, norm_weight)
-        return dh, None, dnorm, dw13[0::2], dw13[1::2], dw2, None
+        return dh.view(ctx.shape), None, dnorm, dw13[0::2], dw13[1::2], dw2, None
 
 
 def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None):
-    reason = unsupported_reason(h, w1, w3, w2)
+    reason = unsupported_reason(h, weights=(w1, w3, w2))
     if reason is not None:
         warn_fallback("rmsnorm_swiglu_mlp", reason)
         return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq)
     if sumsq is None:
-        sumsq = row_sumsq(h.detach())
+        sumsq = row_sumsq(h.detach()).reshape(-1)
     return RMSNormSwiGLUMLPKernel.apply(h, sumsq, norm_weight, w1, w3, w2, eps)
