@@ -76,7 +76,7 @@ class CodaConverter:
             raise NotImplementedError(
                 f"the coda converter combines with {FLOAT8_CONVERTER} only, not {other_quantizers}"
             )
-        from .train_spec import CODA_TRAIN_SPECS
+        from .train_spec import CODA_TRAIN_SPECS  # here: train_spec imports this module
 
         if coda.fuse_norm_output_loss and job_config.model.name not in CODA_TRAIN_SPECS:
             raise ValueError(
