@@ -14,6 +14,7 @@ and a profiler breakdown of one step by kernel class (GEMM, attention, other).
 Writes benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
+  python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --full-ac
 """
 
 import argparse
@@ -29,6 +30,7 @@ from types import SimpleNamespace
 import torch
 from torchtitan.components.loss import cross_entropy_loss
 from torchtitan.models.llama3.model.model import Transformer
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torchtitan.tools.utils import set_default_dtype
 
 from coda_titan.config import Coda
@@ -53,18 +55,22 @@ def materialize(model: Transformer) -> Transformer:
     return model
 
 
-def compile_blocks(model: Transformer) -> None:
+def compile_blocks(model: Transformer, full_ac: bool) -> None:
+    """TorchTitan's per-block compile, after full activation checkpointing if asked
+    (TorchTitan applies AC before compile too)."""
     for name, block in model.layers.named_children():
+        if full_ac:
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
         model.layers.register_module(name, torch.compile(block, fullgraph=True))
 
 
-def baseline_arm(flavor, seq):
+def baseline_arm(flavor, seq, full_ac):
     model = materialize(build_model(flavor, seq))
-    compile_blocks(model)
+    compile_blocks(model, full_ac)
     return model, torch.compile(cross_entropy_loss)
 
 
-def liger_arm(flavor, seq):
+def liger_arm(flavor, seq, full_ac):
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerRMSNorm
     from torchtitan.models.llama3.model.model import FeedForward
@@ -76,13 +82,15 @@ def liger_arm(flavor, seq):
         liger.weight = norm.weight
         return liger
 
-    for block in model.layers.values():
+    for name, block in list(model.layers.named_children()):
         block.attention_norm = to_liger_norm(block.attention_norm)
         block.ffn_norm = to_liger_norm(block.ffn_norm)
         block.feed_forward.forward = (
             lambda x, ff=block.feed_forward: ff.w2(LigerSiLUMulFunction.apply(ff.w1(x), ff.w3(x)))
         )
-    assert all(isinstance(b.feed_forward, FeedForward) for b in model.layers.values())
+        assert isinstance(block.feed_forward, FeedForward)
+        if full_ac:
+            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
     model.norm = to_liger_norm(model.norm)
     output = model.output
     model.output = torch.nn.Identity()
@@ -95,11 +103,11 @@ def liger_arm(flavor, seq):
     return model, loss_fn
 
 
-def coda_arm(flavor, seq):
+def coda_arm(flavor, seq, full_ac):
     model = build_model(flavor, seq)
     convert_model(model, Coda(backend="cutedsl", loss_chunk_tokens=4096), "cutedsl")
     model = materialize(model)
-    compile_blocks(model)
+    compile_blocks(model, full_ac)
     loss_config = SimpleNamespace(
         compile=SimpleNamespace(enable=True, components=["loss"], backend="inductor"))
     return model, build_coda_loss(loss_config)
@@ -117,8 +125,8 @@ def classify(name: str) -> str:
     return "other"
 
 
-def run_arm(arm, flavor, seq, batch, steps, warmup, top_kernels=0):
-    model, loss_fn = ARMS[arm](flavor, seq)
+def run_arm(arm, flavor, seq, batch, steps, warmup, full_ac=False, top_kernels=0):
+    model, loss_fn = ARMS[arm](flavor, seq, full_ac)
     params = [p for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     vocab = coda_llama3_args[flavor].vocab_size
@@ -163,7 +171,7 @@ def run_arm(arm, flavor, seq, batch, steps, warmup, top_kernels=0):
             print(f"   {event.device_time_total / 1e3:8.2f} ms x{event.count:4d} "
                   f"[{classify(event.key)}] {event.key[:100]}")
     step_ms = statistics.median(times)
-    record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, step_ms=step_ms,
+    record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, full_ac=full_ac, step_ms=step_ms,
                   tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
                   profile_ms=breakdown)
     del model, optimizer, params
@@ -182,11 +190,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--top-kernels", type=int, default=0, help="print the N costliest kernels")
+    parser.add_argument("--full-ac", action="store_true",
+                        help="full activation checkpointing on every block (8B on 80 GB)")
     args = parser.parse_args()
     records = []
     for arm in args.arms:
         rec = run_arm(arm, args.flavor, args.seq, args.batch, args.steps, args.warmup,
-                      args.top_kernels)
+                      args.full_ac, args.top_kernels)
         records.append(rec)
         prof = rec["profile_ms"]
         print(f"{arm:9s} {args.flavor} seq {args.seq} x {args.batch}: {rec['step_ms']:.1f} ms/step, "
@@ -207,7 +217,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     name = f"step_{args.flavor.lower()}_{tag}"
     (out / f"{name}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-    lines = [f"# Training-step benchmark, LLaMA-3 {args.flavor}, {gpu}", "", "```",
+    lines = [f"# Training-step benchmark, LLaMA-3 {args.flavor}, seq {args.seq} x {args.batch}"
+             f"{', full AC' if args.full_ac else ''}, {gpu}", "", "```",
              json.dumps(meta, indent=1), "```", "",
              "| arm | step ms | tok/s | speedup | peak GiB | GEMM ms | attention ms | other ms |",
              "|---|---|---|---|---|---|---|---|"]
