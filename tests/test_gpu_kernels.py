@@ -233,6 +233,26 @@ def test_lm_head_kernel_under_no_grad_and_odd_vocab():
         assert any("not a multiple of 8" in str(c.message) for c in caught) == (vocab % 8 != 0)
 
 
+def test_offset_views_are_aligned_or_fall_back():
+    """Labels as an offset view (tokens[:, 1:] with batch 1) work; a bf16 operand at
+    an odd offset falls back to the reference instead of failing in CUTLASS."""
+    from coda_titan.kernels.cutedsl import OPS
+
+    torch.manual_seed(14)
+    h = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    g = torch.ones(256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16) * 0.06
+    tokens = torch.randint(0, 1024, (1, 513), device="cuda")
+    offset_labels = tokens[:, 1:].reshape(-1)
+    assert offset_labels.data_ptr() % 32 != 0
+    loss = OPS.rmsnorm_linear_cross_entropy(h, g, w, offset_labels, 1e-5, 128)
+    expected = REFERENCE.rmsnorm_linear_cross_entropy(h, g, w, offset_labels.clone(), 1e-5, 128)
+    assert rel_err(loss, expected) < 1e-2
+    x = torch.randn(4 * 256 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(4, 256)
+    with pytest.warns(UserWarning, match="16-byte aligned"):
+        OPS.linear_residual_sumsq(x, x, torch.randn(256, 256, device="cuda", dtype=torch.bfloat16))
+
+
 def test_unsupported_inputs_fall_back_with_warning():
     from coda_titan.kernels.cutedsl import OPS
 

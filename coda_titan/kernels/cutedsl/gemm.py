@@ -69,6 +69,8 @@ def unsupported_reason(*activations: torch.Tensor, weights: tuple = ()) -> str |
             return f"dtype {t.dtype} (the kernels take bfloat16)"
         if not t.is_contiguous():
             return "non-contiguous tensor"
+        if t.data_ptr() % 16 != 0:
+            return "data not 16-byte aligned (a view at an odd offset)"
         if t.numel() == 0:
             return "empty tensor"
     for t in activations:
@@ -78,6 +80,13 @@ def unsupported_reason(*activations: torch.Tensor, weights: tuple = ()) -> str |
         if any(n % 8 for n in w.shape):
             return f"weight shape {tuple(w.shape)} not a multiple of 8"
     return None
+
+
+def aligned_vector(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous vector whose start is 32-byte aligned, as the
+    epilogue's vector loads require (a copy only when it is not)."""
+    t = t.reshape(-1)
+    return t if t.is_contiguous() and t.data_ptr() % 32 == 0 else t.clone()
 
 
 _warned: set[tuple[str, str]] = set()

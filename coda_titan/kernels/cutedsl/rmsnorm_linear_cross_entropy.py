@@ -27,7 +27,8 @@ from ..deferred_rmsnorm import rstd_from_sumsq
 from ..rmsnorm_linear_cross_entropy import (
     IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
-from .gemm import TILES, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback
+from .gemm import (
+    TILES, aligned_vector, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback)
 
 CFG_LOGITS = TILES["logits"]
 CFG_DGRAD = TILES["lm_head_dgrad"]
@@ -141,5 +142,6 @@ def rmsnorm_linear_cross_entropy(h, norm_weight, weight, labels, eps, chunk_toke
         warn_fallback("rmsnorm_linear_cross_entropy", reason)
         return reference(h, norm_weight, weight, labels, eps, chunk_tokens)
     check_labels(labels, weight.shape[0])
+    labels = aligned_vector(labels)
     return RMSNormLinearCrossEntropyKernel.apply(h, norm_weight, weight, labels, eps, chunk_tokens,
                                                  needs_grad(h, norm_weight, weight))
