@@ -4,7 +4,8 @@ Every kernel is a quack SM90 GEMM (WGMMA + TMA, persistent) with one of our
 epilogues, called with a fixed tile configuration (no autotuning on the
 training path). Inputs a kernel cannot take (not CUDA, not bf16, not
 contiguous, a dimension not a multiple of 8) fall back to the PyTorch
-reference with a one-time warning naming the reason, never a CUTLASS error.
+reference with a one-time warning naming the reason, never a CUTLASS error;
+operands at an unaligned offset are copied inside the op.
 """
 
 import warnings
@@ -46,9 +47,23 @@ TILES = {
 
 
 # Weight-sized steps around the GEMMs, each fused into one pass by Inductor
-# (eager PyTorch would make several passes over V x D fp32 temporaries).
+# (eager PyTorch would make several passes over V x D fp32 temporaries), and
+# wrapped as custom ops: opaque to whatever traces the backward formulas.
 fold_weight = torch.compile(fold_norm_weight, dynamic=False)
-unfold_grads = torch.compile(unfold_weight_grads, dynamic=False)
+_unfold_grads = torch.compile(unfold_weight_grads, dynamic=False)
+
+
+@torch.library.custom_op("coda::unfold_grads", mutates_args=(), device_types="cuda")
+def unfold_grads(
+    folded_grad: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``unfold_weight_grads`` (dW, dg from dW') in one fused pass."""
+    return _unfold_grads(folded_grad, weight, norm_weight)
+
+
+@unfold_grads.register_fake
+def _(folded_grad, weight, norm_weight):
+    return torch.empty_like(weight), torch.empty_like(norm_weight)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -69,8 +84,6 @@ def unsupported_reason(*activations: torch.Tensor, weights: tuple = ()) -> str |
             return f"dtype {t.dtype} (the kernels take bfloat16)"
         if not t.is_contiguous():
             return "non-contiguous tensor"
-        if t.data_ptr() % 16 != 0:
-            return "data not 16-byte aligned (a view at an odd offset)"
         if t.numel() == 0:
             return "empty tensor"
     for t in activations:
@@ -82,11 +95,11 @@ def unsupported_reason(*activations: torch.Tensor, weights: tuple = ()) -> str |
     return None
 
 
-def aligned_vector(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a contiguous vector whose start is 32-byte aligned, as the
-    epilogue's vector loads require (a copy only when it is not)."""
-    t = t.reshape(-1)
-    return t if t.is_contiguous() and t.data_ptr() % 32 == 0 else t.clone()
+def aligned(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The operands with their data 32-byte aligned, as the TMA and vector loads
+    require: a copy only for a view at an odd offset (``tokens[:, 1:]``).
+    Called inside the custom ops, where data pointers exist (not while tracing)."""
+    return [t if t is None or t.data_ptr() % 32 == 0 else t.clone() for t in tensors]
 
 
 _warned: set[tuple[str, str]] = set()

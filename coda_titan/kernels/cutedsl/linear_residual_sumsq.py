@@ -11,9 +11,8 @@ import torch
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.ops import ColVecReduce
 
-from ..linear_residual_sumsq import LinearResidualSumSq
 from ..linear_residual_sumsq import linear_residual_sumsq as reference
-from .gemm import TILES, cdiv, unsupported_reason, warn_fallback
+from .gemm import TILES, aligned, cdiv, unsupported_reason, warn_fallback
 
 
 @gemm_epilogue(reduces={"sumsq": ColVecReduce("sumsq", scaled=True)})
@@ -29,6 +28,7 @@ def linear_residual_sumsq_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + o @ W.T and sum(h**2) per row; x and h may have leading dims
     (a block's output is no view then), o is (M, K)."""
+    x, o, weight = aligned(x, o, weight)
     n, k = weight.shape
     cfg = TILES["residual_deep" if k > 2 * n else "residual_square"]
     h = torch.empty_like(x)
@@ -44,15 +44,22 @@ def _(x, o, weight):
     return torch.empty_like(x), x.new_empty(o.shape[0], dtype=torch.float32)
 
 
-class LinearResidualSumSqKernel(LinearResidualSumSq):
-    """The reference's backward (plain GEMMs) with a kernel forward."""
+def _setup_context(ctx, inputs, output):
+    _, o, weight = inputs
+    ctx.save_for_backward(o, weight)
+    ctx.mark_non_differentiable(output[1])
 
-    @staticmethod
-    def forward(ctx, x, o, weight):
-        h, sumsq = linear_residual_sumsq_fwd(x, o, weight)
-        ctx.save_for_backward(o, weight)
-        ctx.mark_non_differentiable(sumsq)
-        return h, sumsq
+
+def _backward(ctx, dh, _dsumsq):
+    """The plain linear + residual backward (cuBLAS)."""
+    o, weight = ctx.saved_tensors
+    dh2d = dh.reshape(-1, weight.shape[0])
+    return dh, dh2d @ weight, dh2d.t() @ o
+
+
+# A custom op with its backward registered (not an autograd.Function): under
+# torch.compile, activation checkpointing can then recompute it.
+linear_residual_sumsq_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def linear_residual_sumsq(x, o, weight):
@@ -60,4 +67,4 @@ def linear_residual_sumsq(x, o, weight):
     if reason is not None:
         warn_fallback("linear_residual_sumsq", reason)
         return reference(x, o, weight)
-    return LinearResidualSumSqKernel.apply(x, o, weight)
+    return linear_residual_sumsq_fwd(x, o, weight)

@@ -28,7 +28,7 @@ from ..rmsnorm_linear_cross_entropy import (
     IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
 from .gemm import (
-    TILES, aligned_vector, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback)
+    TILES, aligned, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback)
 
 CFG_LOGITS = TILES["logits"]
 CFG_DGRAD = TILES["lm_head_dgrad"]
@@ -58,6 +58,7 @@ def dgrad_zdz_epi(acc, x):
 def rmsnorm_logits_lse(
     h: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, rstd, folded_weight, target = aligned(h, rstd, folded_weight, target)
     m, vocab = h.shape[0], folded_weight.shape[0]
     logits = torch.empty(m, vocab, dtype=h.dtype, device=h.device)
     lse = torch.empty(m, cdiv(vocab, CFG_LOGITS["tile_N"]), dtype=torch.float32, device=h.device)
@@ -85,6 +86,7 @@ def rmsnorm_lm_head_dgrad(
     dzr: torch.Tensor, folded_weight: torch.Tensor, h: torch.Tensor, rstd: torch.Tensor
 ) -> torch.Tensor:
     """dh = dzr @ W' - (r**2 c / D) h, c = sum(dz * z) reduced in the epilogue."""
+    dzr, folded_weight, h, rstd = aligned(dzr, folded_weight, h, rstd)
     acc = torch.empty(h.shape, dtype=torch.float32, device=h.device)
     partials = torch.empty(h.shape[0], cdiv(h.shape[1], CFG_DGRAD["tile_N"]),
                            dtype=torch.float32, device=h.device)
@@ -102,6 +104,7 @@ def _(dzr, folded_weight, h, rstd):
 @torch.library.custom_op("coda::wgrad_fp32", mutates_args=("out",), device_types="cuda")
 def wgrad_fp32(out: torch.Tensor, dz: torch.Tensor, x: torch.Tensor, accumulate: bool) -> None:
     """out (N, K) fp32 (+)= dz.T @ x, dz (M, N), x (M, K)."""
+    dz, x = aligned(dz, x)
     identity_epi.gemm(dz.mT, x.mT, out, None, epi_args={}, add_to_output=accumulate, **CFG_WGRAD)
 
 
@@ -142,6 +145,5 @@ def rmsnorm_linear_cross_entropy(h, norm_weight, weight, labels, eps, chunk_toke
         warn_fallback("rmsnorm_linear_cross_entropy", reason)
         return reference(h, norm_weight, weight, labels, eps, chunk_tokens)
     check_labels(labels, weight.shape[0])
-    labels = aligned_vector(labels)
     return RMSNormLinearCrossEntropyKernel.apply(h, norm_weight, weight, labels, eps, chunk_tokens,
                                                  needs_grad(h, norm_weight, weight))

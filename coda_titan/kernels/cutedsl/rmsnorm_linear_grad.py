@@ -13,7 +13,7 @@ import torch
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.ops import ColVecLoad
 
-from .gemm import TILES
+from .gemm import TILES, aligned
 
 CFG = TILES["rmsnorm_grad"]
 
@@ -35,6 +35,7 @@ def rmsnorm_linear_grad(
     dzr: torch.Tensor, folded_weight: torch.Tensor, x: torch.Tensor, zdz_r2: torch.Tensor,
     residual_grad: torch.Tensor | None,
 ) -> torch.Tensor:
+    dzr, folded_weight, x, residual_grad = aligned(dzr, folded_weight, x, residual_grad)
     dx = torch.empty_like(x)
     epi_args = dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1]))
     if residual_grad is None:

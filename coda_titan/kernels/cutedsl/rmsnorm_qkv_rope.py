@@ -26,7 +26,7 @@ from quack.epilogue.rotary import _angle_turns, _sincos_turns, make_interleaved_
 from ..deferred_rmsnorm import rstd_from_sumsq
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from ..rmsnorm_qkv_rope import rotate
-from .gemm import TILES, aligned_vector, fold_weight, unfold_grads, unsupported_reason, warn_fallback
+from .gemm import TILES, aligned, fold_weight, unfold_grads, unsupported_reason, warn_fallback
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
 CFG = TILES["qkv_rope"]
@@ -48,6 +48,7 @@ def rmsnorm_qkv_rope_fwd(
     x: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, positions: torch.Tensor,
     freq: torch.Tensor,
 ) -> torch.Tensor:
+    x, rstd, folded_weight, positions, freq = aligned(x, rstd, folded_weight, positions, freq)
     qkv = torch.empty(x.shape[0], folded_weight.shape[0], dtype=x.dtype, device=x.device)
     rstd_rope_epi.gemm(x, folded_weight, qkv, None,
                        epi_args=dict(pos=positions, freq=freq, rstd=rstd), **CFG)
@@ -100,7 +101,7 @@ class RMSNormQKVRoPEKernel(torch.autograd.Function):
         folded = fold_weight(weight, norm_weight)
         nq, nk, nv = wq.shape[0], wk.shape[0], wv.shape[0]
         freq = rope_freq_table(freqs_cis, nq, nk, nv)
-        qkv = rmsnorm_qkv_rope_fwd(x, rstd, folded, aligned_vector(positions.float()), freq)
+        qkv = rmsnorm_qkv_rope_fwd(x, rstd, folded, positions.float(), freq)
         q, k, v = qkv.split((nq, nk, nv), dim=-1)
         ctx.save_for_backward(x, rstd, norm_weight, weight, folded, freqs_cis, positions, q, k, v)
         return q, k, v

@@ -25,7 +25,7 @@ from quack.epilogue.ops import ColVecLoad, ColVecReduce
 
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import fold_norm_weight, row_sumsq, rstd_from_sumsq
-from .gemm import TILES, cdiv, unfold_grads, unsupported_reason, warn_fallback
+from .gemm import TILES, aligned, cdiv, unfold_grads, unsupported_reason, warn_fallback
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
@@ -60,16 +60,29 @@ def interleave_rows(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compile(dynamic=False)
-def interleave_fold(w1, w3, norm_weight):
-    """(W13, W13 * g): gate/up rows interleaved, and norm weight folded, in one pass."""
+def _interleave_fold(w1, w3, norm_weight):
     w13 = interleave_rows(w1, w3)
     return w13, fold_norm_weight(w13, norm_weight)
+
+
+@torch.library.custom_op("coda::interleave_fold", mutates_args=(), device_types="cuda")
+def interleave_fold(
+    w1: torch.Tensor, w3: torch.Tensor, norm_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W13, W13 * g): gate/up rows interleaved, and norm weight folded, in one pass."""
+    return _interleave_fold(w1, w3, norm_weight)
+
+
+@interleave_fold.register_fake
+def _(w1, w3, norm_weight):
+    return w1.new_empty(2 * w1.shape[0], w1.shape[1]), w1.new_empty(2 * w1.shape[0], w1.shape[1])
 
 
 @torch.library.custom_op("coda::rmsnorm_swiglu_fwd", mutates_args=(), device_types="cuda")
 def rmsnorm_swiglu_fwd(
     h: torch.Tensor, rstd: torch.Tensor, w13: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    h, rstd, w13 = aligned(h, rstd, w13)
     gu = torch.empty(h.shape[0], w13.shape[0], dtype=h.dtype, device=h.device)
     act = torch.empty(h.shape[0], w13.shape[0] // 2, dtype=h.dtype, device=h.device)
     rstd_swiglu_epi.gemm(h, w13, gu, None, epi_args=dict(rstd=rstd, act=act), **CFG_UP)
@@ -85,6 +98,7 @@ def _(h, rstd, w13):
 def dswiglu_zdz(
     dout: torch.Tensor, w2: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dout, w2, gu, rstd = aligned(dout, w2, gu, rstd)
     m, hidden = dout.shape[0], w2.shape[1]
     dgu = torch.empty_like(gu)
     act = torch.empty(m, hidden, dtype=dout.dtype, device=dout.device)
@@ -102,27 +116,50 @@ def _(dout, w2, gu, rstd):
             dout.new_empty(m, dtype=torch.float32))
 
 
-class RMSNormSwiGLUMLPKernel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, sumsq, norm_weight, w1, w3, w2, eps):
-        ctx.shape = h.shape
-        h2d = h.reshape(-1, h.shape[-1])
-        rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
-        w13, w13_folded = interleave_fold(w1, w3, norm_weight)
-        gu, act = rmsnorm_swiglu_fwd(h2d, rstd, w13_folded)
-        out, _ = linear_residual_sumsq_fwd(h, act, w2)
-        ctx.save_for_backward(h2d, rstd, norm_weight, w13, w13_folded, w2, gu)
-        return out
+@torch.library.custom_op("coda::rmsnorm_swiglu_mlp", mutates_args=(), device_types="cuda")
+def rmsnorm_swiglu_mlp_fwd(
+    h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor,
+    w3: torch.Tensor, w2: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, GU, r): the output (h's shape) and what the backward reads.
 
-    @staticmethod
-    def backward(ctx, dout):
-        h, rstd, norm_weight, w13, w13_folded, w2, gu = ctx.saved_tensors
-        dout = dout.reshape(h.shape).contiguous()
-        dgu, act, zdz = dswiglu_zdz(dout, w2, gu, rstd)
-        dw2 = dout.t() @ act
-        dh = rmsnorm_linear_grad(dgu, w13_folded, h, rstd.square() * zdz, dout)
-        dw13, dnorm = unfold_grads(dgu.t() @ h, w13, norm_weight)
-        return dh.view(ctx.shape), None, dnorm, dw13[0::2], dw13[1::2], dw2, None
+    One custom op with its backward registered (not an autograd.Function), so
+    that under torch.compile activation checkpointing can recompute it."""
+    h2d = h.reshape(-1, h.shape[-1])
+    rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
+    _, w13_folded = interleave_fold(w1, w3, norm_weight)
+    gu, act = rmsnorm_swiglu_fwd(h2d, rstd, w13_folded)
+    out, _ = linear_residual_sumsq_fwd(h, act, w2)
+    return out, gu, rstd
+
+
+@rmsnorm_swiglu_mlp_fwd.register_fake
+def _(h, sumsq, norm_weight, w1, w3, w2, eps):
+    m = sumsq.shape[0]
+    return torch.empty_like(h), h.new_empty(m, 2 * w1.shape[0]), h.new_empty(m, dtype=torch.float32)
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    h, _, norm_weight, w1, w3, w2, _ = inputs
+    _, gu, rstd = output
+    ctx.save_for_backward(h, rstd, norm_weight, w1, w3, w2, gu)
+    # Internal outputs: no (zero-filled, GU-sized) gradients for them.
+    ctx.mark_non_differentiable(gu, rstd)
+
+
+def _mlp_backward(ctx, dout, _dgu, _drstd):
+    h, rstd, norm_weight, w1, w3, w2, gu = ctx.saved_tensors
+    h2d = h.reshape(-1, h.shape[-1])
+    dout = dout.reshape(h2d.shape).contiguous()
+    w13, w13_folded = interleave_fold(w1, w3, norm_weight)
+    dgu, act, zdz = dswiglu_zdz(dout, w2, gu, rstd)
+    dw2 = dout.t() @ act
+    dh = rmsnorm_linear_grad(dgu, w13_folded, h2d, rstd.square() * zdz, dout)
+    dw13, dnorm = unfold_grads(dgu.t() @ h2d, w13, norm_weight)
+    return dh.view(h.shape), None, dnorm, dw13[0::2], dw13[1::2], dw2, None
+
+
+rmsnorm_swiglu_mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
 
 
 def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None):
@@ -132,4 +169,4 @@ def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None):
         return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq)
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)
-    return RMSNormSwiGLUMLPKernel.apply(h, sumsq, norm_weight, w1, w3, w2, eps)
+    return rmsnorm_swiglu_mlp_fwd(h, sumsq, norm_weight, w1, w3, w2, eps)[0]
