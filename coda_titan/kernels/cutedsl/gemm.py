@@ -49,8 +49,19 @@ TILES = {
 # Weight-sized steps around the GEMMs, each fused into one pass by Inductor
 # (eager PyTorch would make several passes over V x D fp32 temporaries), and
 # wrapped as custom ops: opaque to whatever traces the backward formulas.
-fold_weight = torch.compile(fold_norm_weight, dynamic=False)
+_fold_weight = torch.compile(fold_norm_weight, dynamic=False)
 _unfold_grads = torch.compile(unfold_weight_grads, dynamic=False)
+
+
+@torch.library.custom_op("coda::fold_weight", mutates_args=(), device_types="cuda")
+def fold_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+    """``fold_norm_weight`` (W * g) in one fused pass."""
+    return _fold_weight(weight, norm_weight)
+
+
+@fold_weight.register_fake
+def _(weight, norm_weight):
+    return torch.empty_like(weight)
 
 
 @torch.library.custom_op("coda::unfold_grads", mutates_args=(), device_types="cuda")

@@ -10,8 +10,8 @@ forward
   turns and range-reduced exactly (quack's rotary helpers), so the angle is
   at least as accurate as TorchTitan's float32 ``t * freq``.
 backward
-  ``dzr = r * [R^T dq, R^T dk, dv]`` and ``sum(dz * z) = sum(dq*q + dk*k + dv*v)``
-  in one elementwise pass (torch.compile-generated: no GEMM is adjacent), then
+  ``dzr = r * [R^T dq, R^T dk, dv]`` and ``sum(dz * z) = sum(dqkv * qkv)`` in
+  one elementwise pass (torch.compile-generated: no GEMM is adjacent), then
   ``dx`` from the dgrad GEMM with the RMSNorm backward in its epilogue, and the
   plain wgrad ``dW' = dzr.T @ x``.
 """
@@ -80,41 +80,71 @@ def rope_freq_table(freqs_cis: torch.Tensor, nq: int, nk: int, nv: int) -> torch
 
 
 @torch.compile(dynamic=False)
-def rope_backward_zdz(dq, dk, dv, q, k, v, freqs_real, positions, rstd):
-    """``(r * [R^T dq, R^T dk, dv], sum(dq*q + dk*k + dv*v))``; ``freqs_real`` is
-    ``view_as_real(freqs_cis)``."""
+def _rope_backward_zdz(dqkv, qkv, freqs_real, positions, rstd, nq: int, nk: int):
+    acc = rstd.dtype
     table = freqs_real[positions]
     cos, sin = table[..., 0], table[..., 1]
-    acc = rstd.dtype
-    dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
-    zdz = (dq * q.to(acc)).sum(-1) + (dk * k.to(acc)).sum(-1) + (dv * v.to(acc)).sum(-1)
+    zdz = (dqkv.to(acc) * qkv.to(acc)).sum(-1)
+    dq, dk, dv = dqkv.to(acc).split((nq, nk, dqkv.shape[-1] - nq - nk), dim=-1)
     dz = torch.cat((rotate(dq, cos, sin, inverse=True), rotate(dk, cos, sin, inverse=True), dv), -1)
-    return (dz * rstd[:, None]).to(q.dtype), zdz
+    return (dz * rstd[:, None]).to(qkv.dtype), zdz
 
 
-class RMSNormQKVRoPEKernel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
-        sumsq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
-        rstd = rstd_from_sumsq(sumsq, x.shape[-1], eps)
-        weight = torch.cat((wq, wk, wv))
-        folded = fold_weight(weight, norm_weight)
-        nq, nk, nv = wq.shape[0], wk.shape[0], wv.shape[0]
-        freq = rope_freq_table(freqs_cis, nq, nk, nv)
-        qkv = rmsnorm_qkv_rope_fwd(x, rstd, folded, positions.float(), freq)
-        q, k, v = qkv.split((nq, nk, nv), dim=-1)
-        ctx.save_for_backward(x, rstd, norm_weight, weight, folded, freqs_cis, positions, q, k, v)
-        return q, k, v
+@torch.library.custom_op("coda::rope_backward_zdz", mutates_args=(), device_types="cuda")
+def rope_backward_zdz(
+    dqkv: torch.Tensor, qkv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor,
+    rstd: torch.Tensor, nq: int, nk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r * [R^T dq, R^T dk, dv], sum(dz * z) = sum(dqkv * qkv))`` in one pass."""
+    return _rope_backward_zdz(dqkv, qkv, torch.view_as_real(freqs_cis), positions, rstd, nq, nk)
 
-    @staticmethod
-    def backward(ctx, dq, dk, dv):
-        x, rstd, norm_weight, weight, folded, freqs_cis, positions, q, k, v = ctx.saved_tensors
-        dzr, zdz = rope_backward_zdz(dq, dk, dv, q, k, v, torch.view_as_real(freqs_cis),
-                                     positions, rstd)
-        dx = rmsnorm_linear_grad(dzr, folded, x, rstd.square() * zdz, None)
-        dweight, dnorm = unfold_grads(dzr.t() @ x, weight, norm_weight)
-        dwq, dwk, dwv = dweight.split((q.shape[-1], k.shape[-1], v.shape[-1]))
-        return dx, dnorm, dwq, dwk, dwv, None, None, None
+
+@rope_backward_zdz.register_fake
+def _(dqkv, qkv, freqs_cis, positions, rstd, nq, nk):
+    return torch.empty_like(qkv), rstd.new_empty(rstd.shape)
+
+
+@torch.library.custom_op("coda::rmsnorm_qkv_rope", mutates_args=(), device_types="cuda")
+def rmsnorm_qkv_rope_op(
+    x: torch.Tensor, norm_weight: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
+    wv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qkv, r): post-RoPE ``[q | k | v]`` (M, Nq + Nk + Nv) and the row rstd.
+
+    One custom op with its backward registered (not an autograd.Function), so
+    that under torch.compile activation checkpointing can recompute it."""
+    sumsq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
+    rstd = rstd_from_sumsq(sumsq, x.shape[-1], eps)
+    folded = fold_weight(torch.cat((wq, wk, wv)), norm_weight)
+    freq = rope_freq_table(freqs_cis, wq.shape[0], wk.shape[0], wv.shape[0])
+    return rmsnorm_qkv_rope_fwd(x, rstd, folded, positions.float(), freq), rstd
+
+
+@rmsnorm_qkv_rope_op.register_fake
+def _(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
+    n = wq.shape[0] + wk.shape[0] + wv.shape[0]
+    return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, norm_weight, wq, wk, wv, freqs_cis, positions, _ = inputs
+    qkv, rstd = output
+    ctx.save_for_backward(x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv)
+    ctx.mark_non_differentiable(rstd)
+
+
+def _backward(ctx, dqkv, _drstd):
+    x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv = ctx.saved_tensors
+    nq, nk = wq.shape[0], wk.shape[0]
+    dzr, zdz = rope_backward_zdz(dqkv.contiguous(), qkv, freqs_cis, positions, rstd, nq, nk)
+    weight = torch.cat((wq, wk, wv))
+    dx = rmsnorm_linear_grad(dzr, fold_weight(weight, norm_weight), x, rstd.square() * zdz, None)
+    dweight, dnorm = unfold_grads(dzr.t() @ x, weight, norm_weight)
+    dwq, dwk, dwv = dweight.split((nq, nk, wv.shape[0]))
+    return dx, dnorm, dwq, dwk, dwv, None, None, None
+
+
+rmsnorm_qkv_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
@@ -122,4 +152,5 @@ def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
     if reason is not None:
         warn_fallback("rmsnorm_qkv_rope", reason)
         return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
-    return RMSNormQKVRoPEKernel.apply(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
+    qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
+    return qkv.split((wq.shape[0], wk.shape[0], wv.shape[0]), dim=-1)
