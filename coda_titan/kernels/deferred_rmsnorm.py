@@ -35,8 +35,9 @@ def resolve_eps(eps: float | None, dtype: torch.dtype) -> float:
 
 
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:
-    """Sum of squares of each row of ``x`` (M, D), in the accumulator dtype."""
-    return x.to(acc_dtype(x.dtype)).square().sum(-1)
+    """Sum of squares of each row of ``x`` (M, D), in the accumulator dtype,
+    without materializing an upcast copy of ``x``."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=acc_dtype(x.dtype)).square()
 
 
 def rstd_from_sumsq(sumsq: torch.Tensor, dim: int, eps: float) -> torch.Tensor:

@@ -32,13 +32,20 @@ TILES = {
     "swiglu": _cfg(128, 192, 2, 1, True),
     # w2 dgrad + dSwiGLU.  1B 0.908 ms (cuBLAS 0.838), 8B 3.279 (2.796).
     "dswiglu": _cfg(128, 128, 1, 2, True),
-    # attention_norm + wq/wk/wv + RoPE: not measured yet.
+    # attention_norm + wq/wk/wv + RoPE.  1B 0.296 ms (cuBLAS 0.289; 128x192 1x2 gives
+    # 0.285), 8B 1.208 (1.179; the best measured).
     "qkv_rope": _cfg(128, 192, 2, 1, True),
-    # LM head logits + log-sum-exp + target: not measured yet.
+    # The LM head's three GEMMs were measured per 2048-token chunk after these
+    # were set, and the picks below were not re-validated since; the measured
+    # best is noted where it differs.
+    # Logits + log-sum-exp + target.  8B 3.204 ms (cuBLAS 3.108; the best);
+    # 1B slower than 1.601 (1.594; 128x192 2x1 pingpong gives 1.557).
     "logits": _cfg(128, 256, 2, 1, False),
-    # LM head dgrad + ZdZ reduce: not measured yet.
+    # Dgrad + ZdZ reduce (measured with a bf16 D; it now stores fp32).  1B 1.484 ms
+    # (cuBLAS 1.438; 128x128 1x2 gives 1.382), 8B 3.085 (3.033; 128x256 2x1: 3.002).
     "lm_head_dgrad": _cfg(256, 128, 1, 2, False),
-    # LM head wgrad, fp32 reduce-add: not measured yet.
+    # Wgrad, fp32 reduce-add.  Slower than 1.672 / 3.540 ms at 1B / 8B (cuBLAS
+    # 1.556 / 3.208); 128x128 1x2 pingpong gives 1.629 / 3.422.
     "lm_head_wgrad": _cfg(128, 256, 2, 1, False),
     # dgrad + RMSNorm backward (+ residual grad).  1B 1.575 ms (cuBLAS 1.498),
     # 8B 5.785 (5.500; its best, 128x256 1x2, gives 5.572).

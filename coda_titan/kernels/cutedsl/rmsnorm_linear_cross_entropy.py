@@ -23,7 +23,7 @@ from quack.epilogue import gemm_epilogue
 from quack.epilogue.library import identity_epi
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, ColVecSelect, OnlineLSEReduce
 
-from ..deferred_rmsnorm import rstd_from_sumsq
+from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from ..rmsnorm_linear_cross_entropy import (
     IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
@@ -121,8 +121,7 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
         for start in range(0, h.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             hc, target = h[rows], labels[rows]
-            sumsq = torch.linalg.vector_norm(hc, dim=-1, dtype=torch.float32).square()
-            rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
+            rstd = rstd_from_sumsq(row_sumsq(hc), h.shape[-1], eps)
             logits, lse, target_logit = rmsnorm_logits_lse(hc, rstd, folded, target)
             loss += torch.where(target != IGNORE_INDEX, lse - target_logit, 0.0).sum()
             if not compute_grad:

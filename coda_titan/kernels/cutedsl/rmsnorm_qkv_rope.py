@@ -18,12 +18,12 @@ backward
 
 import torch
 from quack.epilogue import gemm_epilogue
-from torch.utils.weak import WeakTensorKeyDictionary
 from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, RowVecLoad
 from quack.epilogue.rotary import _angle_turns, _sincos_turns, make_interleaved_inv_freq
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..deferred_rmsnorm import rstd_from_sumsq
+from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from ..rmsnorm_qkv_rope import rotate
 from .gemm import TILES, aligned, fold_weight, unfold_grads, unsupported_reason, warn_fallback
@@ -113,8 +113,7 @@ def rmsnorm_qkv_rope_op(
 
     One custom op with its backward registered (not an autograd.Function), so
     that under torch.compile activation checkpointing can recompute it."""
-    sumsq = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
-    rstd = rstd_from_sumsq(sumsq, x.shape[-1], eps)
+    rstd = rstd_from_sumsq(row_sumsq(x), x.shape[-1], eps)
     folded = fold_weight(torch.cat((wq, wk, wv)), norm_weight)
     freq = rope_freq_table(freqs_cis, wq.shape[0], wk.shape[0], wv.shape[0])
     return rmsnorm_qkv_rope_fwd(x, rstd, folded, positions.float(), freq), rstd
