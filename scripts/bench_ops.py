@@ -7,13 +7,15 @@ For each op at LLaMA-3 1B and 8B dims with M = 16384 tokens, in one process:
   floor    the bare GEMM(s) alone (torch.matmul), the lower bound
 Medians of triton.testing.do_bench. Writes benchmarks/results/ops_<gpu>.{json,md}.
 
-  python scripts/bench_ops.py [--sizes 1B 8B] [--ops qkv_rope residual mlp lm_head]
+  python scripts/bench_ops.py [--sizes 1B 8B] [--ops qkv_rope residual mlp lm_head block]
+                              [--lm-chunk 8192]
 
 "fwd+bwd" adds the two; peak MiB is the allocation above the inputs during
 one forward+backward.
 """
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -125,7 +127,7 @@ def qkv_rope_case(s):
     return eager, coda, [x, g, wq, wk, wv], grads, floors
 
 
-def lm_head_case(s):
+def lm_head_case(s, chunk_tokens=8192):
     d, vocab = s["d"], s["v"]
     h, g = randn(M, d), (torch.rand(d, device=DEV) + 0.5).to(BF)
     w = randn(vocab, d, scale=d**-0.5)
@@ -136,7 +138,7 @@ def lm_head_case(s):
         return F.cross_entropy(logits.float(), labels, reduction="sum")
 
     def coda(h, g, w):
-        return cutedsl.OPS.rmsnorm_linear_cross_entropy(h, g, w, labels, 1e-5, 4096)
+        return cutedsl.OPS.rmsnorm_linear_cross_entropy(h, g, w, labels, 1e-5, chunk_tokens)
 
     dz = randn(M, vocab)
     floors = {"fwd": lambda: h @ w.t(), "bwd": lambda: (dz @ w, dz.t() @ h)}
@@ -212,7 +214,10 @@ def main():
     parser.add_argument("--ops", nargs="+", default=list(CASES))
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--profile", action="store_true", help="only print kernel breakdowns")
+    parser.add_argument("--lm-chunk", type=int, default=8192,
+                        help="LM head tokens per chunk ([coda] loss_chunk_tokens)")
     args = parser.parse_args()
+    CASES["lm_head"] = functools.partial(lm_head_case, chunk_tokens=args.lm_chunk)
     if args.profile:
         for size in args.sizes:
             for op in args.ops:
@@ -239,7 +244,8 @@ def main():
                 fwd, bwd, peak = times[arm]
                 times[arm] = (fwd, bwd, fwd + bwd, peak)
             for i, pas in enumerate(("fwd", "bwd", "fwd+bwd")):
-                rec = dict(op=op, size=size, **{"pass": pas}, shape=dict(M=M, **SIZES[size]),
+                shape = dict(M=M, **SIZES[size], **({"chunk": args.lm_chunk} if op == "lm_head" else {}))
+                rec = dict(op=op, size=size, **{"pass": pas}, shape=shape,
                            coda_ms=times["coda"][i], eager_ms=times["eager"][i],
                            compile_ms=times["compile"][i], floor_ms=floor[pas],
                            coda_peak_mib=times["coda"][3], eager_peak_mib=times["eager"][3],

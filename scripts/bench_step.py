@@ -105,7 +105,7 @@ def liger_arm(flavor, seq, full_ac):
 
 def coda_arm(flavor, seq, full_ac):
     model = build_model(flavor, seq)
-    convert_model(model, Coda(backend="cutedsl", loss_chunk_tokens=4096), "cutedsl")
+    convert_model(model, Coda(backend="cutedsl", loss_chunk_tokens=8192), "cutedsl")
     model = materialize(model)
     compile_blocks(model, full_ac)
     loss_config = SimpleNamespace(

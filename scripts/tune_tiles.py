@@ -5,7 +5,7 @@ coda_titan/kernels/cutedsl/gemm.py (the training path never autotunes).
 Prints, per GEMM and shape, the median ms of each config and of the bare
 cuBLAS GEMM of the same shape (torch.matmul), best config first.
 
-  python scripts/tune_tiles.py [--sizes 1B 8B]
+  python scripts/tune_tiles.py [--sizes 1B 8B] [--gemms logits ...] [--chunk 4096]
 """
 
 import argparse
@@ -24,7 +24,7 @@ from coda_titan.kernels.cutedsl.rmsnorm_swiglu_mlp import dswiglu_zdz_epi, rstd_
 
 SIZES = {"1B": (2048, 8192), "8B": (4096, 14336)}
 M = 16384
-CHUNK, VOCAB = 2048, 128256  # the LM head runs per chunk of tokens
+VOCAB = 128256
 CANDIDATES = [
     dict(tile_M=tm, tile_N=tn, cluster_M=cm, cluster_N=cn, pingpong=pp)
     for (tm, tn, pp), (cm, cn) in itertools.product(
@@ -38,7 +38,7 @@ def bf(*shape):
     return torch.randn(*shape, device="cuda").to(torch.bfloat16)
 
 
-def cases(d, f):
+def cases(d, f, chunk):
     """name -> (cuBLAS equivalent, launcher(config))."""
     h, x, o, wo = bf(M, d), bf(M, d), bf(M, d), bf(d, d)
     w13, w2, a, gu, dout = bf(2 * f, d), bf(d, f), bf(M, f), bf(M, 2 * f), bf(M, d)
@@ -70,18 +70,18 @@ def cases(d, f):
         rstd_rope_epi.gemm(h, wqkv, torch.empty(M, wqkv.shape[0], device="cuda", dtype=torch.bfloat16),
                            None, epi_args=dict(pos=pos, freq=freq, rstd=rstd), **cfg)
 
-    hc, wout, logits = bf(CHUNK, d), bf(VOCAB, d), bf(CHUNK, VOCAB)
-    rc, tgt = rstd[:CHUNK], torch.randint(0, VOCAB, (CHUNK,), device="cuda")
+    hc, wout, logits = bf(chunk, d), bf(VOCAB, d), bf(chunk, VOCAB)
+    rc, tgt = rstd[:chunk], torch.randint(0, VOCAB, (chunk,), device="cuda")
     dw = torch.zeros(VOCAB, d, device="cuda")
 
     def lse(cfg):
         rstd_logits_lse_epi.gemm(hc, wout, torch.empty_like(logits), None, epi_args=dict(
-            rstd=rc, lse=torch.empty(CHUNK, cdiv(VOCAB, cfg["tile_N"]), device="cuda"),
-            target=tgt, target_logit=torch.zeros(CHUNK, device="cuda")), **cfg)
+            rstd=rc, lse=torch.empty(chunk, cdiv(VOCAB, cfg["tile_N"]), device="cuda"),
+            target=tgt, target_logit=torch.zeros(chunk, device="cuda")), **cfg)
 
     def lm_dgrad(cfg):
         dgrad_zdz_epi.gemm(logits, wout.mT, torch.empty_like(hc), None, epi_args=dict(
-            x=hc, zdz=torch.empty(CHUNK, cdiv(d, cfg["tile_N"]), device="cuda")), **cfg)
+            x=hc, zdz=torch.empty(chunk, cdiv(d, cfg["tile_N"]), device="cuda")), **cfg)
 
     def lm_wgrad(cfg):
         identity_epi.gemm(logits.mT, hc.mT, dw, None, epi_args={}, add_to_output=True, **cfg)
@@ -103,9 +103,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--gemms", nargs="*", help="only these GEMMs")
+    parser.add_argument("--chunk", type=int, default=4096, help="LM head tokens per chunk")
     args = parser.parse_args()
     for size in args.sizes:
-        for name, (cublas, launch) in cases(*SIZES[size]).items():
+        for name, (cublas, launch) in cases(*SIZES[size], args.chunk).items():
             if args.gemms and name not in args.gemms:
                 continue
             base = do_bench(cublas, return_mode="median")

@@ -91,8 +91,17 @@ def unfold_weight_grads(
     folded_grad: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """From ``dW'`` to ``(dW, dg)``: ``dW = dW' * g``, ``dg = sum_n dW' * W``."""
+    dg = norm_weight_grad_acc(folded_grad, weight).to(norm_weight.dtype)
+    return weight_grad(folded_grad, norm_weight, weight.dtype), dg
+
+
+def weight_grad(folded_grad: torch.Tensor, norm_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dW = dW' * g`` in ``dtype``."""
+    acc = acc_dtype(dtype)
+    return (folded_grad.to(acc) * norm_weight.to(acc)).to(dtype)
+
+
+def norm_weight_grad_acc(folded_grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``dg = sum_n dW' * W`` in the accumulator dtype (rows of W may come in parts)."""
     acc = acc_dtype(weight.dtype)
-    folded_grad = folded_grad.to(acc)
-    dw = (folded_grad * norm_weight.to(acc)).to(weight.dtype)
-    dg = (folded_grad * weight.to(acc)).sum(0).to(norm_weight.dtype)
-    return dw, dg
+    return (folded_grad.to(acc) * weight.to(acc)).sum(0)

@@ -12,7 +12,6 @@ Each fusion can be switched off on its own (``Coda`` flags); that part then
 runs TorchTitan's own modules.
 """
 
-import torch
 from torch.nn.attention.flex_attention import BlockMask
 from torchtitan.models.attention import VarlenMetadata
 from torchtitan.models.llama3.model.args import TransformerModelArgs

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ..deferred_rmsnorm import fold_norm_weight, unfold_weight_grads
+from ..deferred_rmsnorm import fold_norm_weight, norm_weight_grad_acc, weight_grad
 
 
 def _cfg(tile_m, tile_n, cluster_m, cluster_n, pingpong):
@@ -35,17 +35,16 @@ TILES = {
     # attention_norm + wq/wk/wv + RoPE.  1B 0.296 ms (cuBLAS 0.289; 128x192 1x2 gives
     # 0.285), 8B 1.208 (1.179; the best measured).
     "qkv_rope": _cfg(128, 192, 2, 1, True),
-    # The LM head's three GEMMs were measured per 2048-token chunk after these
-    # were set, and the picks below were not re-validated since; the measured
-    # best is noted where it differs.
-    # Logits + log-sum-exp + target.  8B 3.204 ms (cuBLAS 3.108; the best);
-    # 1B slower than 1.601 (1.594; 128x192 2x1 pingpong gives 1.557).
-    "logits": _cfg(128, 256, 2, 1, False),
-    # Dgrad + ZdZ reduce (measured with a bf16 D; it now stores fp32).  1B 1.484 ms
-    # (cuBLAS 1.438; 128x128 1x2 gives 1.382), 8B 3.085 (3.033; 128x256 2x1: 3.002).
-    "lm_head_dgrad": _cfg(256, 128, 1, 2, False),
-    # Wgrad, fp32 reduce-add.  Slower than 1.672 / 3.540 ms at 1B / 8B (cuBLAS
-    # 1.556 / 3.208); 128x128 1x2 pingpong gives 1.629 / 3.422.
+    # The LM head's three GEMMs, per chunk of tokens (H100, 2026-11-21, 1B at
+    # 4096 / 8192 / 16384-token chunks; the configs use 8192).
+    # Logits + log-sum-exp + target.  2.956 / 6.394 / 12.230 ms (cuBLAS 3.106 /
+    # 6.066 / 11.638), the best at each chunk size.
+    "logits": _cfg(128, 192, 2, 1, True),
+    # Dgrad + ZdZ reduce (fp32 D).  2.791 / 6.113 / 12.130 ms (cuBLAS 2.824 / 5.972 /
+    # 12.008); the best but at 8192 (128x256 1x2: 6.047).
+    "lm_head_dgrad": _cfg(128, 256, 2, 1, False),
+    # Wgrad, fp32 reduce-add.  3.051 / 6.176 / 12.102 ms (cuBLAS 3.043 / 6.856 /
+    # 12.095), the best at each chunk size.
     "lm_head_wgrad": _cfg(128, 256, 2, 1, False),
     # dgrad + RMSNorm backward (+ residual grad).  1B 1.575 ms (cuBLAS 1.498),
     # 8B 5.785 (5.500; its best, 128x256 1x2, gives 5.572).
@@ -53,35 +52,55 @@ TILES = {
 }
 
 
-# Weight-sized steps around the GEMMs, each fused into one pass by Inductor
-# (eager PyTorch would make several passes over V x D fp32 temporaries), and
-# wrapped as custom ops: opaque to whatever traces the backward formulas.
-_fold_weight = torch.compile(fold_norm_weight, dynamic=False)
-_unfold_grads = torch.compile(unfold_weight_grads, dynamic=False)
+# Weight-sized steps around the GEMMs: the projections of one fused GEMM
+# (wq/wk/wv concatenated, w1/w3 with rows interleaved) stacked, the norm
+# weight folded in, and the reverse for the gradients, each one pass fused by
+# Inductor (eager PyTorch would make several passes over V x D fp32
+# temporaries), wrapped as custom ops: opaque to whatever traces the backward
+# formulas.
+def stack_rows(weights: list[torch.Tensor], interleave: bool) -> torch.Tensor:
+    """[W1; W2; ...] or, interleaved, [W1[0]; W2[0]; W1[1]; W2[1]; ...]."""
+    return torch.stack(weights, dim=1).flatten(0, 1) if interleave else torch.cat(weights)
+
+
+@torch.compile(dynamic=False)
+def _fold_weight(weights, norm_weight, interleave: bool):
+    return fold_norm_weight(stack_rows(weights, interleave), norm_weight)
+
+
+@torch.compile(dynamic=False)
+def _unfold_grads(folded_grad, weights, norm_weight, interleave: bool):
+    # Per weight, from its rows of dW': each gradient its own tensor.
+    parts = ([folded_grad[i :: len(weights)] for i in range(len(weights))] if interleave
+             else folded_grad.split([w.shape[0] for w in weights]))
+    dws = [weight_grad(p, norm_weight, w.dtype) for p, w in zip(parts, weights)]
+    dg = sum(norm_weight_grad_acc(p, w) for p, w in zip(parts, weights))
+    return dws + [dg.to(norm_weight.dtype)]
 
 
 @torch.library.custom_op("coda::fold_weight", mutates_args=(), device_types="cuda")
-def fold_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
-    """``fold_norm_weight`` (W * g) in one fused pass."""
-    return _fold_weight(weight, norm_weight)
+def fold_weight(weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """``stack_rows(weights) * g`` (W' = W * g) in one pass."""
+    return _fold_weight(weights, norm_weight, interleave)
 
 
 @fold_weight.register_fake
-def _(weight, norm_weight):
-    return torch.empty_like(weight)
+def _(weights, norm_weight, interleave):
+    return weights[0].new_empty(sum(w.shape[0] for w in weights), weights[0].shape[1])
 
 
 @torch.library.custom_op("coda::unfold_grads", mutates_args=(), device_types="cuda")
 def unfold_grads(
-    folded_grad: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``unfold_weight_grads`` (dW, dg from dW') in one fused pass."""
-    return _unfold_grads(folded_grad, weight, norm_weight)
+    folded_grad: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor,
+    interleave: bool,
+) -> list[torch.Tensor]:
+    """``[dW1, dW2, ..., dg]`` from the stacked ``dW'`` (``unfold_weight_grads``) in one pass."""
+    return _unfold_grads(folded_grad, weights, norm_weight, interleave)
 
 
 @unfold_grads.register_fake
-def _(folded_grad, weight, norm_weight):
-    return torch.empty_like(weight), torch.empty_like(norm_weight)
+def _(folded_grad, weights, norm_weight, interleave):
+    return [torch.empty_like(w) for w in weights] + [torch.empty_like(norm_weight)]
 
 
 def cdiv(a: int, b: int) -> int:

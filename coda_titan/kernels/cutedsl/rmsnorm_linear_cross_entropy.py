@@ -23,12 +23,12 @@ from quack.epilogue import gemm_epilogue
 from quack.epilogue.library import identity_epi
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, ColVecSelect, OnlineLSEReduce
 
-from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from ..rmsnorm_linear_cross_entropy import (
     IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
 from .gemm import (
     TILES, aligned, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback)
+from .row_kernels import row_rstd
 
 CFG_LOGITS = TILES["logits"]
 CFG_DGRAD = TILES["lm_head_dgrad"]
@@ -113,7 +113,7 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
 
     @staticmethod
     def forward(ctx, h, norm_weight, weight, labels, eps, chunk_tokens, compute_grad):
-        folded = fold_weight(weight, norm_weight)
+        folded = fold_weight([weight], norm_weight, False)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         if compute_grad:
             dh = torch.empty_like(h)
@@ -121,7 +121,7 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
         for start in range(0, h.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             hc, target = h[rows], labels[rows]
-            rstd = rstd_from_sumsq(row_sumsq(hc), h.shape[-1], eps)
+            rstd = row_rstd(hc, eps)
             logits, lse, target_logit = rmsnorm_logits_lse(hc, rstd, folded, target)
             loss += torch.where(target != IGNORE_INDEX, lse - target_logit, 0.0).sum()
             if not compute_grad:
@@ -131,7 +131,7 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
             dh[rows] = rmsnorm_lm_head_dgrad(dzr, folded, hc, rstd)
             wgrad_fp32(dfolded, dzr, hc, start > 0)
         if compute_grad:
-            dweight, dnorm = unfold_grads(dfolded, weight, norm_weight)
+            dweight, dnorm = unfold_grads(dfolded, [weight], norm_weight, False)
             ctx.save_for_backward(dh, dnorm, dweight)
         return loss
 

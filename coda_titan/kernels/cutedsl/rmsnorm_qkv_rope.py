@@ -11,23 +11,31 @@ forward
   at least as accurate as TorchTitan's float32 ``t * freq``.
 backward
   ``dzr = r * [R^T dq, R^T dk, dv]`` and ``sum(dz * z) = sum(dqkv * qkv)`` in
-  one elementwise pass (torch.compile-generated: no GEMM is adjacent), then
+  one CuTe DSL row pass (no GEMM is adjacent: the dgrad and wgrad GEMMs both
+  read ``dzr`` as an operand), then
   ``dx`` from the dgrad GEMM with the RMSNorm backward in its epilogue, and the
   plain wgrad ``dW' = dzr.T @ x``.
 """
 
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
 import torch
+from cutlass import Float32
+from quack import copy_utils
+from quack.cache import jit_cache
+from quack.cute_dsl_utils import torch2cute_dtype_map
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, RowVecLoad
 from quack.epilogue.rotary import _angle_turns, _sincos_turns, make_interleaved_inv_freq
+from quack.reduce import row_reduce
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
-from ..rmsnorm_qkv_rope import rotate
 from .gemm import TILES, aligned, fold_weight, unfold_grads, unsupported_reason, warn_fallback
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
+from .row_kernels import RowKernel, compile_row_kernel, row_major, row_rstd, vector
 
 CFG = TILES["qkv_rope"]
 
@@ -79,15 +87,64 @@ def rope_freq_table(freqs_cis: torch.Tensor, nq: int, nk: int, nv: int) -> torch
     return table
 
 
-@torch.compile(dynamic=False)
-def _rope_backward_zdz(dqkv, qkv, freqs_real, positions, rstd, nq: int, nk: int):
-    acc = rstd.dtype
-    table = freqs_real[positions]
-    cos, sin = table[..., 0], table[..., 1]
-    zdz = (dqkv.to(acc) * qkv.to(acc)).sum(-1)
-    dq, dk, dv = dqkv.to(acc).split((nq, nk, dqkv.shape[-1] - nq - nk), dim=-1)
-    dz = torch.cat((rotate(dq, cos, sin, inverse=True), rotate(dk, cos, sin, inverse=True), dv), -1)
-    return (dz * rstd[:, None]).to(qkv.dtype), zdz
+class RopeBackwardZdZ(RowKernel):
+    """The RoPE backward of one row of ``n`` columns, with its ZdZ reduction::
+
+        out = r * [R^T dq, R^T dk, dv]     (bf16)
+        zdz = sum(dqkv * qkv)              (fp32; = sum(dz * z), R is orthogonal)
+
+    ``R^T`` rotates each (even, odd) pair by minus the forward's angle, computed
+    with the same float-float turns helpers as the forward epilogue from the same
+    frequency row (0 on v columns: an exact identity).
+    """
+
+    @cute.jit
+    def __call__(self, mD, mZ, mFreq, mPos, mRstd, mO, mZdZ, stream: cuda.CUstream):
+        self.launch(mD.shape[0], stream, mD, mZ, mFreq, mPos, mRstd, mO, mZdZ)
+
+    @cute.kernel
+    def kernel(self, mD, mZ, mFreq, mPos, mRstd, mO, mZdZ, tiler_mn: cute.Shape,
+               tiled_copy: cute.TiledCopy, threads_per_row: cutlass.Constexpr[int]):
+        smem = cutlass.utils.SmemAllocator()
+        buffer, mbar = self._allocate_reduction_buffer_and_mbar(smem, tiled_copy.layout_tv_tiled)
+        (tXgD, tXgZ, tXgO), tXcX, row = self.setup(tiled_copy, tiler_mn, (mD, mZ, mO), mD.shape)
+        tXrD = cute.make_rmem_tensor_like(tXgD)
+        tXrZ = cute.make_rmem_tensor_like(tXgZ)
+        tXrD.fill(0)
+        tXrZ.fill(0)
+        in_rows = row < mD.shape[0]
+        pos = Float32(0.0)
+        rstd = Float32(0.0)
+        if in_rows:
+            copy_utils.copy(tXgD, tXrD)
+            copy_utils.copy(tXgZ, tXrZ)
+            pos = mPos[row]
+            rstd = mRstd[row]
+        d = tXrD.load().to(Float32)
+        zdz = row_reduce(d * tXrZ.load().to(Float32), cute.ReductionOp.ADD, threads_per_row,
+                         buffer[None, None, 0], mbar, init_val=0.0)
+        dz = cute.make_rmem_tensor(tXrD.shape, Float32)
+        dz.store(d)
+        for i in cutlass.range_constexpr(cute.size(dz) // 2):
+            col = tXcX[2 * i][1]
+            sin, cos = _sincos_turns(*_angle_turns(pos, pack(mFreq[col], mFreq[col + 1])))
+            a, b = dz[2 * i], dz[2 * i + 1]
+            dz[2 * i] = (a * cos + b * sin) * rstd
+            dz[2 * i + 1] = (b * cos - a * sin) * rstd
+        tXrO = cute.make_rmem_tensor_like(tXgO)
+        tXrO.store(dz.load().to(tXrO.element_type))
+        if in_rows:
+            copy_utils.copy(tXrO, tXgO)
+            if tXcX[0][1] == 0:
+                mZdZ[row] = zdz
+
+
+@jit_cache
+def _compile_rope_backward_zdz(dtype, n):
+    m = cute.sym_int()
+    rows = row_major(dtype, m, n)
+    return compile_row_kernel(RopeBackwardZdZ(dtype, n), rows, rows, vector(n), vector(m), vector(m),
+                              rows, vector(m))
 
 
 @torch.library.custom_op("coda::rope_backward_zdz", mutates_args=(), device_types="cuda")
@@ -96,7 +153,12 @@ def rope_backward_zdz(
     rstd: torch.Tensor, nq: int, nk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r * [R^T dq, R^T dk, dv], sum(dz * z) = sum(dqkv * qkv))`` in one pass."""
-    return _rope_backward_zdz(dqkv, qkv, torch.view_as_real(freqs_cis), positions, rstd, nq, nk)
+    freq = rope_freq_table(freqs_cis, nq, nk, qkv.shape[1] - nq - nk)
+    dqkv, qkv, freq, pos, rstd = aligned(dqkv.contiguous(), qkv, freq, positions.float(), rstd)
+    dzr, zdz = torch.empty_like(qkv), torch.empty_like(rstd)
+    kernel = _compile_rope_backward_zdz(torch2cute_dtype_map[qkv.dtype], qkv.shape[1])
+    kernel(dqkv, qkv, freq, pos, rstd, dzr, zdz)
+    return dzr, zdz
 
 
 @rope_backward_zdz.register_fake
@@ -113,8 +175,8 @@ def rmsnorm_qkv_rope_op(
 
     One custom op with its backward registered (not an autograd.Function), so
     that under torch.compile activation checkpointing can recompute it."""
-    rstd = rstd_from_sumsq(row_sumsq(x), x.shape[-1], eps)
-    folded = fold_weight(torch.cat((wq, wk, wv)), norm_weight)
+    rstd = row_rstd(x, eps)
+    folded = fold_weight([wq, wk, wv], norm_weight, False)
     freq = rope_freq_table(freqs_cis, wq.shape[0], wk.shape[0], wv.shape[0])
     return rmsnorm_qkv_rope_fwd(x, rstd, folded, positions.float(), freq), rstd
 
@@ -135,11 +197,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dqkv, _drstd):
     x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv = ctx.saved_tensors
     nq, nk = wq.shape[0], wk.shape[0]
-    dzr, zdz = rope_backward_zdz(dqkv.contiguous(), qkv, freqs_cis, positions, rstd, nq, nk)
-    weight = torch.cat((wq, wk, wv))
-    dx = rmsnorm_linear_grad(dzr, fold_weight(weight, norm_weight), x, rstd.square() * zdz, None)
-    dweight, dnorm = unfold_grads(dzr.t() @ x, weight, norm_weight)
-    dwq, dwk, dwv = dweight.split((nq, nk, wv.shape[0]))
+    dzr, zdz = rope_backward_zdz(dqkv, qkv, freqs_cis, positions, rstd, nq, nk)
+    weights = [wq, wk, wv]
+    dx = rmsnorm_linear_grad(dzr, fold_weight(weights, norm_weight, False), x,
+                             rstd.square() * zdz, None)
+    dwq, dwk, dwv, dnorm = unfold_grads(dzr.t() @ x, weights, norm_weight, False)
     return dx, dnorm, dwq, dwk, dwv, None, None, None
 
 

@@ -24,8 +24,9 @@ from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, ColVecReduce
 
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
-from ..deferred_rmsnorm import fold_norm_weight, row_sumsq, rstd_from_sumsq
-from .gemm import TILES, aligned, cdiv, unfold_grads, unsupported_reason, warn_fallback
+from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
+from .gemm import (
+    TILES, aligned, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback)
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
@@ -53,29 +54,6 @@ def dswiglu_zdz_epi(acc, c, rstd):
     gate_n, up_n = gate * rstd, up * rstd
     dgate, dup, act = dswiglu(gate_n, up_n, acc)
     return {"D": pack(dgate * rstd, dup * rstd), "act": act, "zdz": dgate * gate_n + dup * up_n}
-
-
-def interleave_rows(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    return torch.stack((w1, w3), dim=1).reshape(-1, w1.shape[1])
-
-
-@torch.compile(dynamic=False)
-def _interleave_fold(w1, w3, norm_weight):
-    w13 = interleave_rows(w1, w3)
-    return w13, fold_norm_weight(w13, norm_weight)
-
-
-@torch.library.custom_op("coda::interleave_fold", mutates_args=(), device_types="cuda")
-def interleave_fold(
-    w1: torch.Tensor, w3: torch.Tensor, norm_weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W13, W13 * g): gate/up rows interleaved, and norm weight folded, in one pass."""
-    return _interleave_fold(w1, w3, norm_weight)
-
-
-@interleave_fold.register_fake
-def _(w1, w3, norm_weight):
-    return w1.new_empty(2 * w1.shape[0], w1.shape[1]), w1.new_empty(2 * w1.shape[0], w1.shape[1])
 
 
 @torch.library.custom_op("coda::rmsnorm_swiglu_fwd", mutates_args=(), device_types="cuda")
@@ -127,7 +105,7 @@ def rmsnorm_swiglu_mlp_fwd(
     that under torch.compile activation checkpointing can recompute it."""
     h2d = h.reshape(-1, h.shape[-1])
     rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
-    _, w13_folded = interleave_fold(w1, w3, norm_weight)
+    w13_folded = fold_weight([w1, w3], norm_weight, True)
     gu, act = rmsnorm_swiglu_fwd(h2d, rstd, w13_folded)
     out, _ = linear_residual_sumsq_fwd(h, act, w2)
     return out, gu, rstd
@@ -151,12 +129,12 @@ def _mlp_backward(ctx, dout, _dgu, _drstd):
     h, rstd, norm_weight, w1, w3, w2, gu = ctx.saved_tensors
     h2d = h.reshape(-1, h.shape[-1])
     dout = dout.reshape(h2d.shape).contiguous()
-    w13, w13_folded = interleave_fold(w1, w3, norm_weight)
+    w13_folded = fold_weight([w1, w3], norm_weight, True)
     dgu, act, zdz = dswiglu_zdz(dout, w2, gu, rstd)
     dw2 = dout.t() @ act
     dh = rmsnorm_linear_grad(dgu, w13_folded, h2d, rstd.square() * zdz, dout)
-    dw13, dnorm = unfold_grads(dgu.t() @ h2d, w13, norm_weight)
-    return dh.view(h.shape), None, dnorm, dw13[0::2], dw13[1::2], dw2, None
+    dw1, dw3, dnorm = unfold_grads(dgu.t() @ h2d, [w1, w3], norm_weight, True)
+    return dh.view(h.shape), None, dnorm, dw1, dw3, dw2, None
 
 
 rmsnorm_swiglu_mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)

@@ -1,0 +1,111 @@
+"""Small CuTe DSL kernels over whole rows, where no GEMM is adjacent.
+
+``RowKernel`` is their common frame (quack's ``ReductionBase``): each row of
+``n`` bf16 columns is read once with 16-byte vectors by a group of threads
+(at least 6 vectors each), and per-row sums are warp/CTA reductions.
+``row_rstd`` is the deferred RMSNorm's statistic where no producer GEMM
+reduced it: the block input of norm+QKV and each chunk of the LM head.
+"""
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import torch
+from cutlass import Float32
+from quack import copy_utils
+from quack.cache import jit_cache
+from quack.compile_utils import make_fake_tensor
+from quack.cute_dsl_utils import torch2cute_dtype_map
+from quack.reduce import row_reduce
+from quack.reduction_base import ReductionBase
+
+from .gemm import aligned
+
+VECTOR = 8  # bf16 elements per 16-byte load
+
+
+class RowKernel(ReductionBase):
+    def __init__(self, dtype, n: int):
+        super().__init__(dtype, n, stage=1)
+        vectors = n // VECTOR
+        self.threads = next(t for t in (128, 64, 32, 16, 8, 4, 2, 1)
+                            if vectors % t == 0 and vectors // t >= min(6, vectors))
+
+    def _threads_per_row(self):
+        return self.threads
+
+    def launch(self, m, stream, *args):
+        """Launch ``self.kernel(*args, tiler_mn, tiled_copy, threads_per_row)`` over m rows."""
+        self._set_cluster_n()
+        tiled_copy, tiler_mn, threads_per_row = self._get_tiled_copy(vecsize=VECTOR)
+        self.kernel(*args, tiler_mn, tiled_copy, threads_per_row).launch(
+            grid=[cute.ceil_div(m, tiler_mn[0]), 1, 1], block=[tiled_copy.size, 1, 1],
+            stream=stream)
+
+    @staticmethod
+    def setup(tiled_copy, tiler_mn, row_tensors, shape):
+        """This thread's partitions of ``row_tensors`` and of the coordinates, the
+        smem reduction buffer and barrier, and the row this thread works on."""
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        thr = tiled_copy.get_slice(tidx)
+        parts = [thr.partition_S(cute.local_tile(t, tiler_mn, (bidx, 0)))
+                 for t in (*row_tensors, cute.make_identity_tensor(shape))]
+        return parts[:-1], parts[-1], parts[-1][0][0]
+
+
+def row_major(dtype, m, n):
+    return make_fake_tensor(dtype, (m, n), VECTOR)
+
+
+def vector(size):
+    return make_fake_tensor(Float32, (size,))
+
+
+def compile_row_kernel(kernel, *fake_args):
+    return cute.compile(kernel, *fake_args, cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True),
+                        options="--enable-tvm-ffi")
+
+
+class RowRstd(RowKernel):
+    """``rstd = 1 / sqrt(mean(x**2) + eps)`` per row, fp32."""
+
+    @cute.jit
+    def __call__(self, mX, mRstd, eps: Float32, stream: cuda.CUstream):
+        self.launch(mX.shape[0], stream, mX, mRstd, eps)
+
+    @cute.kernel
+    def kernel(self, mX, mRstd, eps: Float32, tiler_mn: cute.Shape, tiled_copy: cute.TiledCopy,
+               threads_per_row: cutlass.Constexpr[int]):
+        smem = cutlass.utils.SmemAllocator()
+        buffer, mbar = self._allocate_reduction_buffer_and_mbar(smem, tiled_copy.layout_tv_tiled)
+        (tXgX,), tXcX, row = self.setup(tiled_copy, tiler_mn, (mX,), mX.shape)
+        tXrX = cute.make_rmem_tensor_like(tXgX)
+        tXrX.fill(0)
+        if row < mX.shape[0]:
+            copy_utils.copy(tXgX, tXrX)
+        x = tXrX.load().to(Float32)
+        sumsq = row_reduce(x * x, cute.ReductionOp.ADD, threads_per_row, buffer[None, None, 0], mbar,
+                           init_val=0.0)
+        if row < mX.shape[0] and tXcX[0][1] == 0:
+            mRstd[row] = cute.math.rsqrt(sumsq * (1.0 / self.N) + eps, fastmath=True)
+
+
+@jit_cache
+def _compile_row_rstd(dtype, n):
+    m = cute.sym_int()
+    return compile_row_kernel(RowRstd(dtype, n), row_major(dtype, m, n), vector(m), Float32(0))
+
+
+@torch.library.custom_op("coda::row_rstd", mutates_args=(), device_types="cuda")
+def row_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rstd_from_sumsq(row_sumsq(x), D, eps)`` of a (M, D) bf16 x in one pass."""
+    (x,) = aligned(x)
+    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    _compile_row_rstd(torch2cute_dtype_map[x.dtype], x.shape[1])(x, rstd, eps)
+    return rstd
+
+
+@row_rstd.register_fake
+def _(x, eps):
+    return x.new_empty(x.shape[0], dtype=torch.float32)
