@@ -4,8 +4,10 @@
          [--step-bench benchmarks/results/step_1b_h200.json]
 
 A run is a wandb run (a ``run-*.wandb`` file, its ``offline-run-*`` directory,
-or a folder holding either, such as a TorchTitan dump folder) or a TorchTitan
-TensorBoard log folder (``[metrics] enable_tensorboard``). RUN_A is the
+or a folder holding either, such as a TorchTitan dump folder), a TorchTitan
+TensorBoard log folder (``[metrics] enable_tensorboard``), or the trainer's
+console log saved to a file (step times then come from the log timestamps, so
+log every step, and peak memory is TorchTitan's max reserved). RUN_A is the
 reference arm (the baseline), RUN_B the candidate. Writes to DIR:
 
   comparison.md    median step time, tokens/s, MFU, peak memory, speedup,
@@ -18,7 +20,9 @@ reference arm (the baseline), RUN_B the candidate. Writes to DIR:
 
 import argparse
 import json
+import re
 import statistics
+from datetime import datetime
 from pathlib import Path
 
 LOSS = "loss_metrics/global_avg_loss"
@@ -26,15 +30,45 @@ STEP_TIME = "time_metrics/end_to_end(s)"
 TPS = "throughput(tps)"
 MFU = "mfu(%)"
 PEAK = "memory/max_active(GiB)"
+PEAK_RESERVED = "memory/max_reserved(GiB)"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOG_LINE = re.compile(
+    r"(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*step:\s*(?P<step>\d+)\s+"
+    r"loss:\s*(?P<loss>[-\d.]+).*memory:\s*(?P<mem>[\d.]+)GiB.*tps:\s*(?P<tps>[\d,]+)"
+    r".*mfu:\s*(?P<mfu>[\d.]+)%")
 
 
 def _find(path: Path, pattern: str) -> list[Path]:
     return sorted(path.rglob(pattern)) if path.is_dir() else []
 
 
+def load_log(path: Path) -> dict[int, dict]:
+    """{step: {metric: value}} from TorchTitan's console log lines."""
+    steps: dict[int, dict] = {}
+    last = None
+    for line in path.read_text(errors="replace").splitlines():
+        match = _LOG_LINE.search(_ANSI.sub("", line))
+        if not match:
+            continue
+        step = int(match["step"])
+        time = datetime.strptime(match["time"], "%Y-%m-%d %H:%M:%S,%f")
+        row = {LOSS: float(match["loss"]), TPS: float(match["tps"].replace(",", "")),
+               MFU: float(match["mfu"]), PEAK_RESERVED: float(match["mem"])}
+        if last is not None and step > last[0]:
+            row[STEP_TIME] = (time - last[1]).total_seconds() / (step - last[0])
+        steps[step] = row
+        last = (step, time)
+    return steps
+
+
 def load_run(path: str) -> tuple[str, dict[int, dict]]:
-    """(run name, {step: {metric: value}}) of a wandb or TensorBoard run."""
+    """(run name, {step: {metric: value}}) of a wandb, TensorBoard or console-log run."""
     p = Path(path)
+    if p.is_file() and p.suffix != ".wandb":
+        steps = load_log(p)
+        if not steps:
+            raise ValueError(f"{path}: no TorchTitan step lines (step: N  loss: ... mfu: ...%)")
+        return p.stem, steps
     wandb_files = [p] if p.suffix == ".wandb" else _find(p, "run-*.wandb")
     if wandb_files:
         from coda_titan.wandb_run import read_wandb_history
@@ -65,9 +99,11 @@ def summarize(steps: dict[int, dict], warmup: int) -> dict:
         values = [row[key] for row in after if key in row]
         return statistics.median(values) if values else float("nan")
 
-    peaks = [row[PEAK] for row in steps.values() if PEAK in row]
+    peak_key = PEAK if any(PEAK in row for row in steps.values()) else PEAK_RESERVED
+    peaks = [row[peak_key] for row in steps.values() if peak_key in row]
     return dict(steps=max(steps), step_ms=median(STEP_TIME) * 1e3, tok_s=median(TPS),
-                mfu=median(MFU), peak_gib=max(peaks) if peaks else float("nan"))
+                mfu=median(MFU), peak_gib=max(peaks) if peaks else float("nan"),
+                peak_kind="max active" if peak_key == PEAK else "max reserved")
 
 
 def loss_parity(a: dict[int, dict], b: dict[int, dict], warmup: int) -> dict:
@@ -134,7 +170,8 @@ def main(argv=None):
     rows = [("median step time (ms)", sa["step_ms"], sb["step_ms"]),
             ("median tokens/s", sa["tok_s"], sb["tok_s"]),
             ("median MFU (%)", sa["mfu"], sb["mfu"]),
-            ("peak memory, max active (GiB)", sa["peak_gib"], sb["peak_gib"])]
+            (f"peak memory, {sa['peak_kind']} / {sb['peak_kind']} (GiB)", sa["peak_gib"],
+             sb["peak_gib"])]
     lines = [f"| | {name_a} | {name_b} |", "|---|---|---|"]
     lines += [f"| {label} | {va:.2f} | {vb:.2f} |" for label, va, vb in rows]
     lines += ["", f"Speedup ({name_b} over {name_a}, tokens/s): **{result['speedup']:.3f}x**", "",

@@ -7,6 +7,7 @@ losses agree to bf16 rounding, not bit-for-bit: seen <= 1.1e-3 apart over
 """
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -89,3 +90,22 @@ def test_compare_runs_reports_speed_and_loss_parity(runs, tmp_path):
     assert summary["run_a"] == "baseline-debugmodel"
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
     assert "Loss parity over 6 aligned steps" in (tmp_path / "comparison.md").read_text()
+
+
+def test_compare_runs_reads_the_trainers_console_logs(runs, tmp_path):
+    spec = importlib.util.spec_from_file_location("compare_runs", REPO / "scripts/compare_runs.py")
+    compare_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_runs)
+    logs = []
+    for arm in ("baseline", "coda"):
+        logs.append(tmp_path / f"{arm}.log")
+        logs[-1].write_text(runs[arm]["log"])
+    from_wandb = compare_runs.main([runs["baseline"]["run_file"], runs["coda"]["run_file"],
+                                    "--out", str(tmp_path / "wandb"), "--warmup", "2"])
+    from_logs = compare_runs.main([str(logs[0]), str(logs[1]), "--out", str(tmp_path / "logs"),
+                                   "--warmup", "2"])
+    assert from_logs["aligned_steps"] == STEPS - 2
+    # The console prints losses to 5 decimals.
+    assert from_logs["loss_mean_abs_diff"] == pytest.approx(from_wandb["loss_mean_abs_diff"], abs=1e-5)
+    assert from_logs["baseline_step_ms"] > 0 and from_logs["coda_tok_s"] > 0
+    assert from_logs["coda_peak_gib"] >= 0
