@@ -128,7 +128,7 @@ def _stdlib_source_files() -> list[str]:
     root = sysconfig.get_paths()["stdlib"]
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS)
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
         for name in filenames:
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)

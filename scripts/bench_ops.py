@@ -16,14 +16,12 @@ one forward+backward.
 
 import argparse
 import functools
-import json
-import platform
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
+
+from bench_results import write_results
 
 from coda_titan.kernels import cutedsl
 
@@ -225,7 +223,6 @@ def main():
                 print(f"== {op} {size}")
                 profile(coda, inputs, grad_outs)
         return
-    gpu = torch.cuda.get_device_name()
     records = []
     for size in args.sizes:
         for op in args.ops:
@@ -264,24 +261,15 @@ def main():
                       f"compile {rec['compile_peak_mib']:.0f}"
                       + (f" | coda+compile {rec['coda_compile_ms']:.3f}" if "coda_compile_ms" in rec
                          else ""), flush=True)
-    import quack
-    meta = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, quack=quack.__version__,
-                python=platform.python_version(), command="python " + " ".join(sys.argv))
-    tag = gpu.split()[1].lower() if gpu.startswith("NVIDIA") else gpu.replace(" ", "_").lower()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"ops_{tag}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-    lines = [f"# CODA op benchmark on {gpu}", "", "```", json.dumps(meta, indent=1), "```", "",
-             "| op | size | pass | coda ms | eager ms | compile ms | floor ms | coda/floor | "
+    table = ["| op | size | pass | coda ms | eager ms | compile ms | floor ms | coda/floor | "
              "compile/coda | eager/coda | peak MiB coda / eager / compile |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['op']} | {r['size']} | {r['pass']} | {r['coda_ms']:.3f} | {r['eager_ms']:.3f} | "
+    table += [f"| {r['op']} | {r['size']} | {r['pass']} | {r['coda_ms']:.3f} | {r['eager_ms']:.3f} | "
               f"{r['compile_ms']:.3f} | {r['floor_ms']:.3f} | {r['coda_vs_floor']:.3f} | "
               f"{r['compile_over_coda']:.3f} | {r['eager_over_coda']:.3f} | "
               f"{r['coda_peak_mib']:.0f} / {r['eager_peak_mib']:.0f} / {r['compile_peak_mib']:.0f} |"
               for r in records]
-    (out / f"ops_{tag}.md").write_text("\n".join(lines) + "\n")
-
+    write_results(args.out, "ops", "CODA op benchmark", records, table)
 
 if __name__ == "__main__":
     main()

@@ -19,12 +19,8 @@ Writes benchmarks/results/step_<gpu>.{json,md}.
 
 import argparse
 import gc
-import json
-import platform
 import statistics
-import sys
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -32,6 +28,8 @@ from torchtitan.components.loss import cross_entropy_loss
 from torchtitan.models.llama3.model.model import Transformer
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torchtitan.tools.utils import set_default_dtype
+
+from bench_results import write_results
 
 from coda_titan.config import Coda
 from coda_titan.converter import convert_model
@@ -42,7 +40,6 @@ ATTENTION_MARKERS = ("flash", "fmha", "attention", "sdpa")
 
 
 def build_model(flavor: str, seq: int) -> Transformer:
-    torch.manual_seed(0)
     with torch.device("meta"), set_default_dtype(torch.bfloat16):
         return Transformer(replace(coda_llama3_args[flavor], max_seq_len=seq))
 
@@ -55,18 +52,20 @@ def materialize(model: Transformer) -> Transformer:
     return model
 
 
-def compile_blocks(model: Transformer, full_ac: bool) -> None:
-    """TorchTitan's per-block compile, after full activation checkpointing if asked
-    (TorchTitan applies AC before compile too)."""
-    for name, block in model.layers.named_children():
+def wrap_blocks(model: Transformer, full_ac: bool, compile: bool) -> None:
+    """Full activation checkpointing if asked, then TorchTitan's per-block compile
+    if asked (TorchTitan applies AC before compile too)."""
+    for name, block in list(model.layers.named_children()):
         if full_ac:
             block = checkpoint_wrapper(block, preserve_rng_state=False)
-        model.layers.register_module(name, torch.compile(block, fullgraph=True))
+        if compile:
+            block = torch.compile(block, fullgraph=True)
+        model.layers.register_module(name, block)
 
 
 def baseline_arm(flavor, seq, full_ac):
     model = materialize(build_model(flavor, seq))
-    compile_blocks(model, full_ac)
+    wrap_blocks(model, full_ac, compile=True)
     return model, torch.compile(cross_entropy_loss)
 
 
@@ -82,15 +81,14 @@ def liger_arm(flavor, seq, full_ac):
         liger.weight = norm.weight
         return liger
 
-    for name, block in list(model.layers.named_children()):
+    for block in model.layers.values():
         block.attention_norm = to_liger_norm(block.attention_norm)
         block.ffn_norm = to_liger_norm(block.ffn_norm)
         block.feed_forward.forward = (
             lambda x, ff=block.feed_forward: ff.w2(LigerSiLUMulFunction.apply(ff.w1(x), ff.w3(x)))
         )
         assert isinstance(block.feed_forward, FeedForward)
-        if full_ac:
-            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+    wrap_blocks(model, full_ac, compile=False)
     model.norm = to_liger_norm(model.norm)
     output = model.output
     model.output = torch.nn.Identity()
@@ -107,7 +105,7 @@ def coda_arm(flavor, seq, full_ac):
     model = build_model(flavor, seq)
     convert_model(model, Coda(backend="cutedsl", loss_chunk_tokens=8192), "cutedsl")
     model = materialize(model)
-    compile_blocks(model, full_ac)
+    wrap_blocks(model, full_ac, compile=True)
     loss_config = SimpleNamespace(
         compile=SimpleNamespace(enable=True, components=["loss"], backend="inductor"))
     return model, build_coda_loss(loss_config)
@@ -207,27 +205,15 @@ def main():
     if base:
         for r in records:
             r["speedup_vs_baseline"] = base["step_ms"] / r["step_ms"]
-    import quack
-
-    gpu = torch.cuda.get_device_name()
-    meta = dict(gpu=gpu, torch=torch.__version__, cuda=torch.version.cuda, quack=quack.__version__,
-                python=platform.python_version(), command="python " + " ".join(sys.argv))
-    tag = gpu.split()[1].lower() if gpu.startswith("NVIDIA") else gpu.replace(" ", "_").lower()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"step_{args.flavor.lower()}_{tag}"
-    (out / f"{name}.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-    lines = [f"# Training-step benchmark, LLaMA-3 {args.flavor}, seq {args.seq} x {args.batch}"
-             f"{', full AC' if args.full_ac else ''}, {gpu}", "", "```",
-             json.dumps(meta, indent=1), "```", "",
-             "| arm | step ms | tok/s | speedup | peak GiB | GEMM ms | attention ms | other ms |",
+    table = ["| arm | step ms | tok/s | speedup | peak GiB | GEMM ms | attention ms | other ms |",
              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['arm']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
+    table += [f"| {r['arm']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
               f"{r.get('speedup_vs_baseline', float('nan')):.3f} | {r['peak_gib']:.1f} | "
               f"{r['profile_ms']['gemm']:.1f} | {r['profile_ms']['attention']:.1f} | "
               f"{r['profile_ms']['other']:.1f} |" for r in records]
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-
+    write_results(args.out, f"step_{args.flavor.lower()}",
+                  f"Training-step benchmark, LLaMA-3 {args.flavor}, seq {args.seq} x {args.batch}"
+                  f"{', full AC' if args.full_ac else ''}", records, table)
 
 if __name__ == "__main__":
     main()

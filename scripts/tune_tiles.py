@@ -12,7 +12,8 @@ import argparse
 import itertools
 
 import torch
-from triton.testing import do_bench
+from bench_ops import M, SIZES, median_ms
+from bench_ops import randn as bf
 
 from coda_titan.kernels.cutedsl.gemm import cdiv
 from coda_titan.kernels.cutedsl.linear_residual_sumsq import residual_sumsq_epi
@@ -22,9 +23,6 @@ from coda_titan.kernels.cutedsl.rmsnorm_qkv_rope import make_interleaved_inv_fre
 from coda_titan.kernels.cutedsl.rmsnorm_linear_grad import rmsnorm_grad_residual_epi
 from coda_titan.kernels.cutedsl.rmsnorm_swiglu_mlp import dswiglu_zdz_epi, rstd_swiglu_epi
 
-SIZES = {"1B": (2048, 8192), "8B": (4096, 14336)}
-M = 16384
-VOCAB = 128256
 CANDIDATES = [
     dict(tile_M=tm, tile_N=tn, cluster_M=cm, cluster_N=cn, pingpong=pp)
     for (tm, tn, pp), (cm, cn) in itertools.product(
@@ -34,12 +32,9 @@ CANDIDATES = [
 ]
 
 
-def bf(*shape):
-    return torch.randn(*shape, device="cuda").to(torch.bfloat16)
-
-
-def cases(d, f, chunk):
+def cases(size, chunk):
     """name -> (cuBLAS equivalent, launcher(config))."""
+    d, f, vocab = size["d"], size["f"], size["v"]
     h, x, o, wo = bf(M, d), bf(M, d), bf(M, d), bf(d, d)
     w13, w2, a, gu, dout = bf(2 * f, d), bf(d, f), bf(M, f), bf(M, 2 * f), bf(M, d)
     rstd = torch.rand(M, device="cuda")
@@ -70,13 +65,13 @@ def cases(d, f, chunk):
         rstd_rope_epi.gemm(h, wqkv, torch.empty(M, wqkv.shape[0], device="cuda", dtype=torch.bfloat16),
                            None, epi_args=dict(pos=pos, freq=freq, rstd=rstd), **cfg)
 
-    hc, wout, logits = bf(chunk, d), bf(VOCAB, d), bf(chunk, VOCAB)
-    rc, tgt = rstd[:chunk], torch.randint(0, VOCAB, (chunk,), device="cuda")
-    dw = torch.zeros(VOCAB, d, device="cuda")
+    hc, wout, logits = bf(chunk, d), bf(vocab, d), bf(chunk, vocab)
+    rc, tgt = rstd[:chunk], torch.randint(0, vocab, (chunk,), device="cuda")
+    dw = torch.zeros(vocab, d, device="cuda")
 
     def lse(cfg):
         rstd_logits_lse_epi.gemm(hc, wout, torch.empty_like(logits), None, epi_args=dict(
-            rstd=rc, lse=torch.empty(chunk, cdiv(VOCAB, cfg["tile_N"]), device="cuda"),
+            rstd=rc, lse=torch.empty(chunk, cdiv(vocab, cfg["tile_N"]), device="cuda"),
             target=tgt, target_logit=torch.zeros(chunk, device="cuda")), **cfg)
 
     def lm_dgrad(cfg):
@@ -106,14 +101,14 @@ def main():
     parser.add_argument("--chunk", type=int, default=4096, help="LM head tokens per chunk")
     args = parser.parse_args()
     for size in args.sizes:
-        for name, (cublas, launch) in cases(*SIZES[size], args.chunk).items():
+        for name, (cublas, launch) in cases(SIZES[size], args.chunk).items():
             if args.gemms and name not in args.gemms:
                 continue
-            base = do_bench(cublas, return_mode="median")
+            base = median_ms(cublas)
             results = []
             for cfg in CANDIDATES:
                 try:
-                    results.append((do_bench(lambda: launch(cfg), return_mode="median"), cfg))
+                    results.append((median_ms(lambda: launch(cfg)), cfg))
                 except Exception as e:  # invalid tile combination for this epilogue
                     results.append((float("inf"), {**cfg, "error": str(e)[:80]}))
             results.sort(key=lambda r: r[0])

@@ -30,11 +30,3 @@ def exact_rope(monkeypatch):
     monkeypatch.setattr(titan_model, "apply_rotary_emb", _apply_rotary_emb_exact)
     monkeypatch.setattr(coda_block, "apply_rotary_emb", _apply_rotary_emb_exact)
 
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

@@ -5,11 +5,7 @@ import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-import coda_titan.data as data  # noqa: E402
+import coda_titan.data as data
 
 SEQ_LEN = 64
 

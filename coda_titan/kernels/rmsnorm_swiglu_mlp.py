@@ -33,7 +33,6 @@ from .deferred_rmsnorm import (
 class RMSNormSwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, sumsq, norm_weight, w1, w3, w2, eps):
-        ctx.shape = h.shape
         h2d = h.reshape(-1, h.shape[-1])
         rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
         w13 = torch.cat((w1, w3))
@@ -48,7 +47,7 @@ class RMSNormSwiGLUMLP(torch.autograd.Function):
     def backward(ctx, dout):
         h, rstd, norm_weight, w13, w2, z = ctx.saved_tensors
         acc, dtype = rstd.dtype, w2.dtype
-        dout = dout.reshape(h.shape)
+        shape, dout = dout.shape, dout.reshape(h.shape)
         dout_c = dout.to(dtype)
         da = (dout_c @ w2).to(acc)
         z1, z3 = z.to(acc).chunk(2, dim=-1)
@@ -66,7 +65,7 @@ class RMSNormSwiGLUMLP(torch.autograd.Function):
             dz.t() @ normalized_input(h, rstd, dtype), w13, norm_weight
         )
         dw1, dw3 = dw13.chunk(2)
-        return dh.view(ctx.shape), None, dnorm, dw1, dw3, dw2, None
+        return dh.view(shape), None, dnorm, dw1, dw3, dw2, None
 
 
 def rmsnorm_swiglu_mlp(

@@ -100,10 +100,10 @@ class CodaTransformerBlock(TransformerBlock):
                 h2d, sumsq = ops.linear_residual_sumsq(
                     x2d, attn.view(bs * seqlen, -1).to(wo.dtype), wo
                 )
+            h = h2d.view(bs, seqlen, dim)
         else:
-            h2d, sumsq = (x + attention.wo(attn)).view(-1, dim), None
+            h, sumsq = x + attention.wo(attn), None
 
-        h = h2d.view(bs, seqlen, dim)
         if not coda.fuse_norm_swiglu_mlp:
             return h + self.feed_forward(self.ffn_norm(h))
         ffn, norm = self.feed_forward, self.ffn_norm

@@ -35,7 +35,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from .gemm import TILES, aligned, fold_weight, unfold_grads, unsupported_reason, warn_fallback
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
-from .row_kernels import RowKernel, compile_row_kernel, row_major, row_rstd, vector
+from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, row_rstd, vector
 
 CFG = TILES["qkv_rope"]
 
@@ -105,25 +105,18 @@ class RopeBackwardZdZ(RowKernel):
     @cute.kernel
     def kernel(self, mD, mZ, mFreq, mPos, mRstd, mO, mZdZ, tiler_mn: cute.Shape,
                tiled_copy: cute.TiledCopy, threads_per_row: cutlass.Constexpr[int]):
-        smem = cutlass.utils.SmemAllocator()
-        buffer, mbar = self._allocate_reduction_buffer_and_mbar(smem, tiled_copy.layout_tv_tiled)
-        (tXgD, tXgZ, tXgO), tXcX, row = self.setup(tiled_copy, tiler_mn, (mD, mZ, mO), mD.shape)
-        tXrD = cute.make_rmem_tensor_like(tXgD)
-        tXrZ = cute.make_rmem_tensor_like(tXgZ)
-        tXrD.fill(0)
-        tXrZ.fill(0)
+        buffer, mbar, (tXgD, tXgZ, tXgO), tXcX, row = self.setup(
+            tiled_copy, tiler_mn, (mD, mZ, mO), mD.shape)
         in_rows = row < mD.shape[0]
+        d = load_row(tXgD, row, mD.shape[0])
+        zdz = row_reduce(d * load_row(tXgZ, row, mD.shape[0]), cute.ReductionOp.ADD, threads_per_row,
+                         buffer, mbar, init_val=0.0)
         pos = Float32(0.0)
         rstd = Float32(0.0)
         if in_rows:
-            copy_utils.copy(tXgD, tXrD)
-            copy_utils.copy(tXgZ, tXrZ)
             pos = mPos[row]
             rstd = mRstd[row]
-        d = tXrD.load().to(Float32)
-        zdz = row_reduce(d * tXrZ.load().to(Float32), cute.ReductionOp.ADD, threads_per_row,
-                         buffer[None, None, 0], mbar, init_val=0.0)
-        dz = cute.make_rmem_tensor(tXrD.shape, Float32)
+        dz = cute.make_rmem_tensor(tXgD.shape, Float32)
         dz.store(d)
         for i in cutlass.range_constexpr(cute.size(dz) // 2):
             col = tXcX[2 * i][1]

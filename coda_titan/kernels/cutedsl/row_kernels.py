@@ -42,16 +42,27 @@ class RowKernel(ReductionBase):
             grid=[cute.ceil_div(m, tiler_mn[0]), 1, 1], block=[tiled_copy.size, 1, 1],
             stream=stream)
 
-    @staticmethod
-    def setup(tiled_copy, tiler_mn, row_tensors, shape):
-        """This thread's partitions of ``row_tensors`` and of the coordinates, the
-        smem reduction buffer and barrier, and the row this thread works on."""
+    def setup(self, tiled_copy, tiler_mn, row_tensors, shape):
+        """The smem reduction buffer and barrier, this thread's partitions of
+        ``row_tensors`` and of the coordinates, and the row it works on."""
+        smem = cutlass.utils.SmemAllocator()
+        buffer, mbar = self._allocate_reduction_buffer_and_mbar(smem, tiled_copy.layout_tv_tiled)
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         thr = tiled_copy.get_slice(tidx)
         parts = [thr.partition_S(cute.local_tile(t, tiler_mn, (bidx, 0)))
                  for t in (*row_tensors, cute.make_identity_tensor(shape))]
-        return parts[:-1], parts[-1], parts[-1][0][0]
+        return buffer[None, None, 0], mbar, parts[:-1], parts[-1], parts[-1][0][0]
+
+
+@cute.jit
+def load_row(tXg: cute.Tensor, row, m):
+    """This thread's part of its row in fp32 (zeros past the last row)."""
+    tXr = cute.make_rmem_tensor_like(tXg)
+    tXr.fill(0)
+    if row < m:
+        copy_utils.copy(tXg, tXr)
+    return tXr.load().to(Float32)
 
 
 def row_major(dtype, m, n):
@@ -77,16 +88,9 @@ class RowRstd(RowKernel):
     @cute.kernel
     def kernel(self, mX, mRstd, eps: Float32, tiler_mn: cute.Shape, tiled_copy: cute.TiledCopy,
                threads_per_row: cutlass.Constexpr[int]):
-        smem = cutlass.utils.SmemAllocator()
-        buffer, mbar = self._allocate_reduction_buffer_and_mbar(smem, tiled_copy.layout_tv_tiled)
-        (tXgX,), tXcX, row = self.setup(tiled_copy, tiler_mn, (mX,), mX.shape)
-        tXrX = cute.make_rmem_tensor_like(tXgX)
-        tXrX.fill(0)
-        if row < mX.shape[0]:
-            copy_utils.copy(tXgX, tXrX)
-        x = tXrX.load().to(Float32)
-        sumsq = row_reduce(x * x, cute.ReductionOp.ADD, threads_per_row, buffer[None, None, 0], mbar,
-                           init_val=0.0)
+        buffer, mbar, (tXgX,), tXcX, row = self.setup(tiled_copy, tiler_mn, (mX,), mX.shape)
+        x = load_row(tXgX, row, mX.shape[0])
+        sumsq = row_reduce(x * x, cute.ReductionOp.ADD, threads_per_row, buffer, mbar, init_val=0.0)
         if row < mX.shape[0] and tXcX[0][1] == 0:
             mRstd[row] = cute.math.rsqrt(sumsq * (1.0 / self.N) + eps, fastmath=True)
 
