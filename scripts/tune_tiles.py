@@ -5,7 +5,7 @@ coda_titan/kernels/cutedsl/gemm.py (the training path never autotunes).
 Prints, per GEMM and shape, the median ms of each config and of the bare
 cuBLAS GEMM of the same shape (torch.matmul), best config first.
 
-  python scripts/tune_tiles.py [--sizes 1B 8B] [--gemms logits ...] [--chunk 4096]
+  python scripts/tune_tiles.py [--sizes 1B 8B] [--gemms logits ...] [--chunk 4096] [--tokens 16384]
 """
 
 import argparse
@@ -20,8 +20,8 @@ from coda_titan.kernels.cutedsl.linear_residual_sumsq import residual_sumsq_epi
 from coda_titan.kernels.cutedsl.rmsnorm_linear_cross_entropy import (
     dgrad_zdz_epi, identity_epi, rstd_logits_lse_epi)
 from coda_titan.kernels.cutedsl.rmsnorm_qkv_rope import make_interleaved_inv_freq, rstd_rope_epi
-from coda_titan.kernels.cutedsl.rmsnorm_linear_grad import rmsnorm_grad_residual_epi
-from coda_titan.kernels.cutedsl.rmsnorm_swiglu_mlp import dswiglu_zdz_epi, rstd_swiglu_epi
+from coda_titan.kernels.cutedsl.rmsnorm_linear_grad import rmsnorm_grad_epi
+from coda_titan.kernels.cutedsl.rmsnorm_swiglu_mlp import dswiglu_drstd_epi, rstd_swiglu_epi
 
 CANDIDATES = [
     dict(tile_M=tm, tile_N=tn, cluster_M=cm, cluster_N=cn, pingpong=pp)
@@ -32,16 +32,16 @@ CANDIDATES = [
 ]
 
 
-def cases(size, chunk):
+def cases(size, chunk, m):
     """name -> (cuBLAS equivalent, launcher(config))."""
     d, f, vocab = size["d"], size["f"], size["v"]
-    h, x, o, wo = bf(M, d), bf(M, d), bf(M, d), bf(d, d)
-    w13, w2, a, gu, dout = bf(2 * f, d), bf(d, f), bf(M, f), bf(M, 2 * f), bf(M, d)
-    rstd = torch.rand(M, device="cuda")
+    h, x, o, wo = bf(m, d), bf(m, d), bf(m, d), bf(d, d)
+    w13, w2, a, gu, dout = bf(2 * f, d), bf(d, f), bf(m, f), bf(m, 2 * f), bf(m, d)
+    rstd = torch.rand(m, device="cuda")
 
     def residual(w, inp):
         def launch(cfg):
-            part = torch.empty(M, cdiv(w.shape[0], cfg["tile_N"]), device="cuda")
+            part = torch.empty(m, cdiv(w.shape[0], cfg["tile_N"]), device="cuda")
             residual_sumsq_epi.gemm(inp, w, torch.empty_like(x), x, epi_args=dict(sumsq=part), **cfg)
         return launch
 
@@ -50,19 +50,19 @@ def cases(size, chunk):
                                 epi_args=dict(rstd=rstd, act=torch.empty_like(a)), **cfg)
 
     def dswiglu(cfg):
-        part = torch.empty(M, cdiv(f, cfg["tile_N"]), device="cuda")
-        dswiglu_zdz_epi.gemm(dout, w2.mT, torch.empty_like(gu), gu,
-                                epi_args=dict(rstd=rstd, act=torch.empty_like(a), zdz=part), **cfg)
+        part = torch.empty(m, cdiv(f, cfg["tile_N"]), device="cuda")
+        dswiglu_drstd_epi.gemm(dout, w2.mT, torch.empty_like(gu), gu,
+                               epi_args=dict(rstd=rstd, act=torch.empty_like(a), drstd=part), **cfg)
 
     def rmsgrad(cfg):
-        rmsnorm_grad_residual_epi.gemm(gu, w13.mT, torch.empty_like(x), dout,
-                                 epi_args=dict(x=h, corr=rstd), **cfg)
+        rmsnorm_grad_epi.gemm(gu, w13.mT, torch.empty_like(x), None,
+                              epi_args=dict(x=h, corr=rstd), **cfg)
 
-    wqkv, pos = bf(d + d // 2, d), torch.arange(M, device="cuda").float()
+    wqkv, pos = bf(d + d // 2, d), torch.arange(m, device="cuda").float()
     freq = make_interleaved_inv_freq(torch.rand(64, device="cuda").double(), d + d // 4, d // 4, 128)
 
     def qkv_rope(cfg):
-        rstd_rope_epi.gemm(h, wqkv, torch.empty(M, wqkv.shape[0], device="cuda", dtype=torch.bfloat16),
+        rstd_rope_epi.gemm(h, wqkv, torch.empty(m, wqkv.shape[0], device="cuda", dtype=torch.bfloat16),
                            None, epi_args=dict(pos=pos, freq=freq, rstd=rstd), **cfg)
 
     hc, wout, logits = bf(chunk, d), bf(vocab, d), bf(chunk, vocab)
@@ -99,9 +99,10 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=list(SIZES))
     parser.add_argument("--gemms", nargs="*", help="only these GEMMs")
     parser.add_argument("--chunk", type=int, default=4096, help="LM head tokens per chunk")
+    parser.add_argument("--tokens", type=int, default=M, help="M of the per-block GEMMs")
     args = parser.parse_args()
     for size in args.sizes:
-        for name, (cublas, launch) in cases(SIZES[size], args.chunk).items():
+        for name, (cublas, launch) in cases(SIZES[size], args.chunk, args.tokens).items():
             if args.gemms and name not in args.gemms:
                 continue
             base = median_ms(cublas)

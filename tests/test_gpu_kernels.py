@@ -183,10 +183,15 @@ def test_converted_1b_block_matches_reference_path():
 
 
 def test_converted_block_compiles_fullgraph_like_torchtitan():
-    """TorchTitan compiles each block with torch.compile(fullgraph=True): the
-    kernel path must trace without graph breaks and match eager."""
+    """TorchTitan compiles each block with torch.compile(fullgraph=True), after
+    wrapping it for activation checkpointing if asked: the kernel path must
+    trace without graph breaks and match eager, and under AC recompute only
+    what the backward reads: wo + residual, but not w2 + residual (whose
+    output the backward never reads), as for TorchTitan's own block."""
     import copy
 
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.profiler import ProfilerActivity, profile
     from torchtitan.models.llama3.model.model import TransformerBlock, precompute_freqs_cis
 
     from coda_titan.config import Coda
@@ -200,17 +205,29 @@ def test_converted_block_compiles_fullgraph_like_torchtitan():
         block.init_weights()
     eager = CodaTransformerBlock.convert(block, Coda(), "cutedsl")
     compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
+    checkpointed = torch.compile(
+        checkpoint_wrapper(copy.deepcopy(eager), preserve_rng_state=False), fullgraph=True)
     freqs = precompute_freqs_cis(args.dim // args.n_heads, 512, args.rope_theta).cuda()
     x = torch.randn(2, 512, args.dim, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)
-    results = []
-    for module in (eager, compiled):
+
+    def step(module):
         xi = x.clone().requires_grad_()
         out = module(xi, freqs, None)
         out.backward(grad)
-        results.append((out, xi.grad))
-    assert rel_err(results[1][0], results[0][0]) < 1e-2
-    assert rel_err(results[1][1], results[0][1]) < 1e-2
+        return out, xi.grad
+
+    want = step(eager)
+    for module in (compiled, checkpointed):
+        got = step(module)
+        assert rel_err(got[0], want[0]) < 1e-2
+        assert rel_err(got[1], want[1]) < 1e-2
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(checkpointed)
+        torch.cuda.synchronize()
+    residual_gemms = sum(e.count for e in prof.key_averages() if "residual_sumsq_epi" in e.key)
+    assert residual_gemms == 3, residual_gemms  # wo, its recompute, w2
 
 
 def test_lm_head_kernel_under_no_grad_and_odd_vocab():

@@ -21,16 +21,22 @@ def _cfg(tile_m, tile_n, cluster_m, cluster_n, pingpong):
 
 
 # Fixed tile configurations per GEMM epilogue and shape class, chosen with
-# scripts/tune_tiles.py at M = 16384 on the LLaMA-3 1B and 8B dims (H200,
-# 2026-11-21; the best config of each, or the best common to both sizes).
+# scripts/tune_tiles.py at M = 16384 on the LLaMA-3 1B and 8B dims (2026-11-21,
+# H200 unless marked H100; the best config of each, or the best common to both
+# sizes).
 TILES = {
     # wo: K = N = D.  1B 0.203 ms (cuBLAS 0.180), 8B 0.825 (0.807).
     "residual_square": _cfg(128, 128, 1, 2, True),
     # w2: K = F >> N = D.  1B 0.785 ms (cuBLAS 0.760), 8B 2.794 (2.806).
     "residual_deep": _cfg(128, 256, 2, 1, False),
-    # w1/w3 + SwiGLU.  1B 1.542 ms (cuBLAS 1.613), 8B 5.704 (5.765).
-    "swiglu": _cfg(128, 192, 2, 1, True),
-    # w2 dgrad + dSwiGLU.  1B 0.908 ms (cuBLAS 0.838), 8B 3.279 (2.796).
+    # w1/w3 + SwiGLU, two shape classes (H100): K = D <= 2048, 1B 1.485 ms (cuBLAS
+    # 1.593; 128x256 2x1 gives 1.600) ...
+    "swiglu": _cfg(128, 192, 1, 2, True),
+    # ... and K > 2048: 8B 5.351 ms (cuBLAS 5.566; 128x192 1x2 gives 5.990), at
+    # 4096 tokens 1.335 (1.273; the best, 256x128 2x1, 1.315).
+    "swiglu_deep": _cfg(128, 256, 2, 1, False),
+    # w2 dgrad + dSwiGLU (H100).  1B 1.006 ms (cuBLAS 0.847), 8B 3.587 (2.878), the
+    # best at M = 16384; 8B at 4096 tokens 0.856 (0.702; 2x1 gives 0.776).
     "dswiglu": _cfg(128, 128, 1, 2, True),
     # attention_norm + wq/wk/wv + RoPE.  1B 0.296 ms (cuBLAS 0.289; 128x192 1x2 gives
     # 0.285), 8B 1.208 (1.179; the best measured).
@@ -46,9 +52,9 @@ TILES = {
     # Wgrad, fp32 reduce-add.  3.051 / 6.176 / 12.102 ms (cuBLAS 3.043 / 6.856 /
     # 12.095), the best at each chunk size.
     "lm_head_wgrad": _cfg(128, 256, 2, 1, False),
-    # dgrad + RMSNorm backward (+ residual grad).  1B 1.575 ms (cuBLAS 1.498),
-    # 8B 5.785 (5.500; its best, 128x256 1x2, gives 5.572).
-    "rmsnorm_grad": _cfg(256, 128, 1, 2, False),
+    # dgrad + RMSNorm backward (H100).  1B 1.529 ms (cuBLAS 1.498; 128x256 1x1 gives
+    # 1.467 but is 5% slower at 8B); 8B at 4096 tokens 1.279 (1.348), the best.
+    "rmsnorm_grad": _cfg(128, 256, 2, 1, False),
 }
 
 

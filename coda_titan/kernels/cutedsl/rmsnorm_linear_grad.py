@@ -3,10 +3,10 @@
 With ``dzr = r * dz`` (the incoming gradient already scaled by the deferred
 rstd), ``c_r = r**2 * sum(dz * z)`` per row and the folded weight ``W'``::
 
-    dx = dzr @ W' - (c_r / D) * x [+ residual_grad]
+    dx = dzr @ W' - (c_r / D) * x
 
-one GEMM ``dzr @ W'`` whose epilogue reads ``x`` (a tile load), the per-row
-correction and, where the op has one, the residual gradient (the C operand).
+one GEMM ``dzr @ W'`` whose epilogue reads ``x`` (a tile load) and the
+per-row correction.
 """
 
 import torch
@@ -19,33 +19,22 @@ CFG = TILES["rmsnorm_grad"]
 
 
 @gemm_epilogue(ops={"corr": ColVecLoad("corr")})
-def rmsnorm_grad_residual_epi(acc, c, x, corr):
-    """dx = acc + residual_grad + x * corr, corr = -r**2 * sum(dz*z) / D."""
-    return {"D": acc + c + x * corr}
-
-
-@gemm_epilogue(ops={"corr": ColVecLoad("corr")})
 def rmsnorm_grad_epi(acc, x, corr):
-    """dx = acc + x * corr (no residual gradient joins here)."""
+    """dx = acc + x * corr, corr = -r**2 * sum(dz*z) / D."""
     return {"D": acc + x * corr}
 
 
 @torch.library.custom_op("coda::rmsnorm_linear_grad", mutates_args=(), device_types="cuda")
 def rmsnorm_linear_grad(
-    dzr: torch.Tensor, folded_weight: torch.Tensor, x: torch.Tensor, zdz_r2: torch.Tensor,
-    residual_grad: torch.Tensor | None,
+    dzr: torch.Tensor, folded_weight: torch.Tensor, x: torch.Tensor, zdz_r2: torch.Tensor
 ) -> torch.Tensor:
-    dzr, folded_weight, x, residual_grad = aligned(dzr, folded_weight, x, residual_grad)
+    dzr, folded_weight, x = aligned(dzr, folded_weight, x)
     dx = torch.empty_like(x)
-    epi_args = dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1]))
-    if residual_grad is None:
-        rmsnorm_grad_epi.gemm(dzr, folded_weight.mT, dx, None, epi_args=epi_args, **CFG)
-    else:
-        rmsnorm_grad_residual_epi.gemm(dzr, folded_weight.mT, dx, residual_grad,
-                                       epi_args=epi_args, **CFG)
+    rmsnorm_grad_epi.gemm(dzr, folded_weight.mT, dx, None,
+                          epi_args=dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1])), **CFG)
     return dx
 
 
 @rmsnorm_linear_grad.register_fake
-def _(dzr, folded_weight, x, zdz_r2, residual_grad):
+def _(dzr, folded_weight, x, zdz_r2):
     return torch.empty_like(x)

@@ -11,10 +11,18 @@ forward
   2. ``out = h + a @ W2.T`` (``linear_residual_sumsq``'s GEMM).
 backward
   3. ``da = dout @ W2``; epilogue reads GU, recomputes ``a`` (for dW2), and
-     writes ``dGU = r * dz`` plus ZdZ partials ``sum(dz * z)``.
-  4. ``dh = dGU @ W13 + dout - (r**2 c / D) h``: the RMSNorm backward and the
-     residual gradient in the dgrad epilogue.
+     writes ``dGU = r * dz`` plus ``dL/dr = sum(dz * GU)`` partials (ZdZ:
+     ``r * dL/dr = sum(dz * z)``).
+  4. ``dh = dGU @ W13 - (r**3 dL/dr / D) h``: the RMSNorm backward in the
+     dgrad epilogue.
 Weight gradients ``dW2 = dout.T @ a`` and ``dW13 = dGU.T @ h`` are plain GEMMs.
+
+Steps 1 and 2 are two custom ops, each with its backward (3 and 4): ``a``
+enters the second as a non-differentiable cache of ``swiglu(r * GU)``, whose
+gradients flow to ``GU`` and ``r``. Split so, activation checkpointing under
+torch.compile recomputes only the first (the backward needs GU, not ``out``),
+as it skips the w2 GEMM of TorchTitan's own block; the price is one add of the
+two gradients of ``h``.
 """
 
 import torch
@@ -30,7 +38,6 @@ from .gemm import (
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
-CFG_UP = TILES["swiglu"]
 CFG_DOWN_GRAD = TILES["dswiglu"]
 
 
@@ -45,15 +52,14 @@ def rstd_swiglu_epi(acc, rstd):
 @gemm_epilogue(
     outputs=("act",),
     ops={"rstd": ColVecLoad("rstd")},
-    reduces={"zdz": ColVecReduce("zdz")},
+    reduces={"drstd": ColVecReduce("drstd")},
     mode="packed_cd_b16x2",
 )
-def dswiglu_zdz_epi(acc, c, rstd):
-    """acc = da; c = saved (gate, up). dGU = r*dz, act recomputed, zdz = sum dz*z."""
+def dswiglu_drstd_epi(acc, c, rstd):
+    """acc = da; c = saved (gate, up). dGU = r*dz, act recomputed, dL/dr = sum dz*GU."""
     gate, up = unpack(c)
-    gate_n, up_n = gate * rstd, up * rstd
-    dgate, dup, act = dswiglu(gate_n, up_n, acc)
-    return {"D": pack(dgate * rstd, dup * rstd), "act": act, "zdz": dgate * gate_n + dup * up_n}
+    dgate, dup, act = dswiglu(gate * rstd, up * rstd, acc)
+    return {"D": pack(dgate * rstd, dup * rstd), "act": act, "drstd": dgate * gate + dup * up}
 
 
 @torch.library.custom_op("coda::rmsnorm_swiglu_fwd", mutates_args=(), device_types="cuda")
@@ -63,7 +69,8 @@ def rmsnorm_swiglu_fwd(
     h, rstd, w13 = aligned(h, rstd, w13)
     gu = torch.empty(h.shape[0], w13.shape[0], dtype=h.dtype, device=h.device)
     act = torch.empty(h.shape[0], w13.shape[0] // 2, dtype=h.dtype, device=h.device)
-    rstd_swiglu_epi.gemm(h, w13, gu, None, epi_args=dict(rstd=rstd, act=act), **CFG_UP)
+    cfg = TILES["swiglu_deep" if h.shape[1] > 2048 else "swiglu"]
+    rstd_swiglu_epi.gemm(h, w13, gu, None, epi_args=dict(rstd=rstd, act=act), **cfg)
     return gu, act
 
 
@@ -72,72 +79,90 @@ def _(h, rstd, w13):
     return h.new_empty(h.shape[0], w13.shape[0]), h.new_empty(h.shape[0], w13.shape[0] // 2)
 
 
-@torch.library.custom_op("coda::dswiglu_zdz", mutates_args=(), device_types="cuda")
-def dswiglu_zdz(
+@torch.library.custom_op("coda::dswiglu_drstd", mutates_args=(), device_types="cuda")
+def dswiglu_drstd(
     dout: torch.Tensor, w2: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dGU, act, dL/dr) from the w2 dgrad ``dout @ W2``."""
     dout, w2, gu, rstd = aligned(dout, w2, gu, rstd)
     m, hidden = dout.shape[0], w2.shape[1]
     dgu = torch.empty_like(gu)
     act = torch.empty(m, hidden, dtype=dout.dtype, device=dout.device)
     partials = torch.empty(m, cdiv(hidden, CFG_DOWN_GRAD["tile_N"]), dtype=torch.float32,
                            device=dout.device)
-    dswiglu_zdz_epi.gemm(dout, w2.mT, dgu, gu, epi_args=dict(rstd=rstd, act=act, zdz=partials),
-                         **CFG_DOWN_GRAD)
+    dswiglu_drstd_epi.gemm(dout, w2.mT, dgu, gu, epi_args=dict(rstd=rstd, act=act, drstd=partials),
+                           **CFG_DOWN_GRAD)
     return dgu, act, partials.sum(-1)
 
 
-@dswiglu_zdz.register_fake
+@dswiglu_drstd.register_fake
 def _(dout, w2, gu, rstd):
     m = dout.shape[0]
     return (torch.empty_like(gu), dout.new_empty(m, w2.shape[1]),
             dout.new_empty(m, dtype=torch.float32))
 
 
-@torch.library.custom_op("coda::rmsnorm_swiglu_mlp", mutates_args=(), device_types="cuda")
-def rmsnorm_swiglu_mlp_fwd(
+@torch.library.custom_op("coda::rmsnorm_swiglu", mutates_args=(), device_types="cuda")
+def rmsnorm_swiglu(
     h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor,
-    w3: torch.Tensor, w2: torch.Tensor, eps: float,
+    w3: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, GU, r): the output (h's shape) and what the backward reads.
-
-    One custom op with its backward registered (not an autograd.Function), so
-    that under torch.compile activation checkpointing can recompute it."""
-    h2d = h.reshape(-1, h.shape[-1])
+    """(GU, act, r) for h (M, D): the pre-activation, silu(r*gate) * (r*up), the row rstd."""
     rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
+    gu, act = rmsnorm_swiglu_fwd(h, rstd, fold_weight([w1, w3], norm_weight, True))
+    return gu, act, rstd
+
+
+@rmsnorm_swiglu.register_fake
+def _(h, sumsq, norm_weight, w1, w3, eps):
+    m, f = h.shape[0], w1.shape[0]
+    return h.new_empty(m, 2 * f), h.new_empty(m, f), h.new_empty(m, dtype=torch.float32)
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    h, _, norm_weight, w1, w3, _ = inputs
+    ctx.save_for_backward(h, output[2], norm_weight, w1, w3)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _swiglu_backward(ctx, dgu, _dact, drstd):
+    """dh = dGU @ W13' - (r**3 dL/dr / D) h: d r / d h = -r**3 h / D."""
+    h, rstd, norm_weight, w1, w3 = ctx.saved_tensors
     w13_folded = fold_weight([w1, w3], norm_weight, True)
-    gu, act = rmsnorm_swiglu_fwd(h2d, rstd, w13_folded)
-    out, _ = linear_residual_sumsq_fwd(h, act, w2)
-    return out, gu, rstd
+    dh = rmsnorm_linear_grad(dgu, w13_folded, h, rstd.pow(3) * drstd)
+    dw1, dw3, dnorm = unfold_grads(dgu.t() @ h, [w1, w3], norm_weight, True)
+    return dh, None, dnorm, dw1, dw3, None
 
 
-@rmsnorm_swiglu_mlp_fwd.register_fake
-def _(h, sumsq, norm_weight, w1, w3, w2, eps):
-    m = sumsq.shape[0]
-    return torch.empty_like(h), h.new_empty(m, 2 * w1.shape[0]), h.new_empty(m, dtype=torch.float32)
+rmsnorm_swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
 
 
-def _mlp_setup_context(ctx, inputs, output):
-    h, _, norm_weight, w1, w3, w2, _ = inputs
-    _, gu, rstd = output
-    ctx.save_for_backward(h, rstd, norm_weight, w1, w3, w2, gu)
-    # Internal outputs: no (zero-filled, GU-sized) gradients for them.
-    ctx.mark_non_differentiable(gu, rstd)
+@torch.library.custom_op("coda::swiglu_down_residual", mutates_args=(), device_types="cuda")
+def swiglu_down_residual(
+    h: torch.Tensor, act: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """out = h + act @ W2.T (h's shape), act = swiglu(r * GU) as ``rmsnorm_swiglu`` stored it."""
+    return linear_residual_sumsq_fwd(h, act, w2)[0]
 
 
-def _mlp_backward(ctx, dout, _dgu, _drstd):
-    h, rstd, norm_weight, w1, w3, w2, gu = ctx.saved_tensors
-    h2d = h.reshape(-1, h.shape[-1])
-    dout = dout.reshape(h2d.shape).contiguous()
-    w13_folded = fold_weight([w1, w3], norm_weight, True)
-    dgu, act, zdz = dswiglu_zdz(dout, w2, gu, rstd)
-    dw2 = dout.t() @ act
-    dh = rmsnorm_linear_grad(dgu, w13_folded, h2d, rstd.square() * zdz, dout)
-    dw1, dw3, dnorm = unfold_grads(dgu.t() @ h2d, [w1, w3], norm_weight, True)
-    return dh.view(h.shape), None, dnorm, dw1, dw3, dw2, None
+@swiglu_down_residual.register_fake
+def _(h, act, gu, rstd, w2):
+    return torch.empty_like(h)
 
 
-rmsnorm_swiglu_mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+def _down_setup_context(ctx, inputs, output):
+    _, _, gu, rstd, w2 = inputs
+    ctx.save_for_backward(gu, rstd, w2)
+
+
+def _down_backward(ctx, dout):
+    gu, rstd, w2 = ctx.saved_tensors
+    dout2d = dout.reshape(-1, w2.shape[0]).contiguous()
+    dgu, act, drstd = dswiglu_drstd(dout2d, w2, gu, rstd)
+    return dout, None, dgu, drstd, dout2d.t() @ act
+
+
+swiglu_down_residual.register_autograd(_down_backward, setup_context=_down_setup_context)
 
 
 def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None):
@@ -147,4 +172,5 @@ def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None):
         return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq)
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)
-    return rmsnorm_swiglu_mlp_fwd(h, sumsq, norm_weight, w1, w3, w2, eps)[0]
+    gu, act, rstd = rmsnorm_swiglu(h.reshape(-1, h.shape[-1]), sumsq, norm_weight, w1, w3, eps)
+    return swiglu_down_residual(h, act, gu, rstd, w2)
