@@ -29,12 +29,11 @@ TILES = {
     "residual_square": _cfg(128, 128, 1, 2, True),
     # w2: K = F >> N = D.  1B 0.785 ms (cuBLAS 0.760), 8B 2.794 (2.806).
     "residual_deep": _cfg(128, 256, 2, 1, False),
-    # w1/w3 + SwiGLU, two shape classes (H100): K = D <= 2048, 1B 1.485 ms (cuBLAS
-    # 1.593; 128x256 2x1 gives 1.600) ...
-    "swiglu": _cfg(128, 192, 1, 2, True),
-    # ... and K > 2048: 8B 5.351 ms (cuBLAS 5.566; 128x192 1x2 gives 5.990), at
-    # 4096 tokens 1.335 (1.273; the best, 256x128 2x1, 1.315).
-    "swiglu_deep": _cfg(128, 256, 2, 1, False),
+    # w1/w3 + SwiGLU.  1B 1.542 ms (cuBLAS 1.613), 8B 5.704 (5.765). On the H100,
+    # tune_tiles.py (L2 flushed) prefers 128x192 1x2 at 1B and 128x256 2x1 at 8B,
+    # but both ran slower inside the training step (1B 1.454 vs 1.425 ms, 8B at
+    # 4096 tokens 1.409 vs 1.307, from bench_step.py --top-kernels).
+    "swiglu": _cfg(128, 192, 2, 1, True),
     # w2 dgrad + dSwiGLU (H100).  1B 1.006 ms (cuBLAS 0.847), 8B 3.587 (2.878), the
     # best at M = 16384; 8B at 4096 tokens 0.856 (0.702; 2x1 gives 0.776).
     "dswiglu": _cfg(128, 128, 1, 2, True),

@@ -38,6 +38,7 @@ from .gemm import (
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
+CFG_UP = TILES["swiglu"]
 CFG_DOWN_GRAD = TILES["dswiglu"]
 
 
@@ -69,8 +70,7 @@ def rmsnorm_swiglu_fwd(
     h, rstd, w13 = aligned(h, rstd, w13)
     gu = torch.empty(h.shape[0], w13.shape[0], dtype=h.dtype, device=h.device)
     act = torch.empty(h.shape[0], w13.shape[0] // 2, dtype=h.dtype, device=h.device)
-    cfg = TILES["swiglu_deep" if h.shape[1] > 2048 else "swiglu"]
-    rstd_swiglu_epi.gemm(h, w13, gu, None, epi_args=dict(rstd=rstd, act=act), **cfg)
+    rstd_swiglu_epi.gemm(h, w13, gu, None, epi_args=dict(rstd=rstd, act=act), **CFG_UP)
     return gu, act
 
 
