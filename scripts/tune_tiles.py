@@ -20,7 +20,7 @@ from coda_titan.kernels.cutedsl.linear_residual_sumsq import residual_sumsq_epi
 from coda_titan.kernels.cutedsl.rmsnorm_linear_cross_entropy import (
     dgrad_zdz_epi, identity_epi, rstd_logits_lse_epi)
 from coda_titan.kernels.cutedsl.rmsnorm_qkv_rope import make_interleaved_inv_freq, rstd_rope_epi
-from coda_titan.kernels.cutedsl.rmsnorm_linear_grad import rmsnorm_grad_epi
+from coda_titan.kernels.cutedsl.rmsnorm_linear_grad import rmsnorm_grad_residual_epi
 from coda_titan.kernels.cutedsl.rmsnorm_swiglu_mlp import dswiglu_drstd_epi, rstd_swiglu_epi
 
 CANDIDATES = [
@@ -55,8 +55,8 @@ def cases(size, chunk, m):
                                epi_args=dict(rstd=rstd, act=torch.empty_like(a), drstd=part), **cfg)
 
     def rmsgrad(cfg):
-        rmsnorm_grad_epi.gemm(gu, w13.mT, torch.empty_like(x), None,
-                              epi_args=dict(x=h, corr=rstd), **cfg)
+        rmsnorm_grad_residual_epi.gemm(gu, w13.mT, torch.empty_like(x), dout,
+                                       epi_args=dict(x=h, corr=rstd), **cfg)
 
     wqkv, pos = bf(d + d // 2, d), torch.arange(m, device="cuda").float()
     freq = make_interleaved_inv_freq(torch.rand(64, device="cuda").double(), d + d // 4, d // 4, 128)

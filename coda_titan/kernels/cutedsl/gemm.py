@@ -51,7 +51,7 @@ TILES = {
     # Wgrad, fp32 reduce-add.  3.051 / 6.176 / 12.102 ms (cuBLAS 3.043 / 6.856 /
     # 12.095), the best at each chunk size.
     "lm_head_wgrad": _cfg(128, 256, 2, 1, False),
-    # dgrad + RMSNorm backward (H100).  1B 1.529 ms (cuBLAS 1.498; 128x256 1x1 gives
+    # dgrad + RMSNorm backward (+ residual grad; H100).  1B 1.529 ms (cuBLAS 1.498; 128x256 1x1 gives
     # 1.467 but is 5% slower at 8B); 8B at 4096 tokens 1.279 (1.348), the best.
     "rmsnorm_grad": _cfg(128, 256, 2, 1, False),
 }

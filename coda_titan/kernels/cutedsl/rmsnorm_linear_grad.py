@@ -3,10 +3,10 @@
 With ``dzr = r * dz`` (the incoming gradient already scaled by the deferred
 rstd), ``c_r = r**2 * sum(dz * z)`` per row and the folded weight ``W'``::
 
-    dx = dzr @ W' - (c_r / D) * x
+    dx = dzr @ W' - (c_r / D) * x [+ residual_grad]
 
-one GEMM ``dzr @ W'`` whose epilogue reads ``x`` (a tile load) and the
-per-row correction.
+one GEMM ``dzr @ W'`` whose epilogue reads ``x`` (a tile load), the per-row
+correction and, where the op has one, the residual gradient (the C operand).
 """
 
 import torch
@@ -19,22 +19,33 @@ CFG = TILES["rmsnorm_grad"]
 
 
 @gemm_epilogue(ops={"corr": ColVecLoad("corr")})
+def rmsnorm_grad_residual_epi(acc, c, x, corr):
+    """dx = acc + residual_grad + x * corr, corr = -r**2 * sum(dz*z) / D."""
+    return {"D": acc + c + x * corr}
+
+
+@gemm_epilogue(ops={"corr": ColVecLoad("corr")})
 def rmsnorm_grad_epi(acc, x, corr):
-    """dx = acc + x * corr, corr = -r**2 * sum(dz*z) / D."""
+    """dx = acc + x * corr (no residual gradient joins here)."""
     return {"D": acc + x * corr}
 
 
 @torch.library.custom_op("coda::rmsnorm_linear_grad", mutates_args=(), device_types="cuda")
 def rmsnorm_linear_grad(
-    dzr: torch.Tensor, folded_weight: torch.Tensor, x: torch.Tensor, zdz_r2: torch.Tensor
+    dzr: torch.Tensor, folded_weight: torch.Tensor, x: torch.Tensor, zdz_r2: torch.Tensor,
+    residual_grad: torch.Tensor | None,
 ) -> torch.Tensor:
-    dzr, folded_weight, x = aligned(dzr, folded_weight, x)
+    dzr, folded_weight, x, residual_grad = aligned(dzr, folded_weight, x, residual_grad)
     dx = torch.empty_like(x)
-    rmsnorm_grad_epi.gemm(dzr, folded_weight.mT, dx, None,
-                          epi_args=dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1])), **CFG)
+    epi_args = dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1]))
+    if residual_grad is None:
+        rmsnorm_grad_epi.gemm(dzr, folded_weight.mT, dx, None, epi_args=epi_args, **CFG)
+    else:
+        rmsnorm_grad_residual_epi.gemm(dzr, folded_weight.mT, dx, residual_grad,
+                                       epi_args=epi_args, **CFG)
     return dx
 
 
 @rmsnorm_linear_grad.register_fake
-def _(dzr, folded_weight, x, zdz_r2):
+def _(dzr, folded_weight, x, zdz_r2, residual_grad):
     return torch.empty_like(x)

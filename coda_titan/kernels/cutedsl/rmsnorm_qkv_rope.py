@@ -193,7 +193,7 @@ def _backward(ctx, dqkv, _drstd):
     dzr, zdz = rope_backward_zdz(dqkv, qkv, freqs_cis, positions, rstd, nq, nk)
     weights = [wq, wk, wv]
     dx = rmsnorm_linear_grad(dzr, fold_weight(weights, norm_weight, False), x,
-                             rstd.square() * zdz)
+                             rstd.square() * zdz, None)
     dwq, dwk, dwv, dnorm = unfold_grads(dzr.t() @ x, weights, norm_weight, False)
     return dx, dnorm, dwq, dwk, dwv, None, None, None
 

@@ -13,16 +13,17 @@ backward
   3. ``da = dout @ W2``; epilogue reads GU, recomputes ``a`` (for dW2), and
      writes ``dGU = r * dz`` plus ``dL/dr = sum(dz * GU)`` partials (ZdZ:
      ``r * dL/dr = sum(dz * z)``).
-  4. ``dh = dGU @ W13 - (r**3 dL/dr / D) h``: the RMSNorm backward in the
-     dgrad epilogue.
+  4. ``dh = dGU @ W13 + dout - (r**3 dL/dr / D) h``: the RMSNorm backward and
+     the residual gradient in the dgrad epilogue.
 Weight gradients ``dW2 = dout.T @ a`` and ``dW13 = dGU.T @ h`` are plain GEMMs.
 
-Steps 1 and 2 are two custom ops, each with its backward (3 and 4): ``a``
-enters the second as a non-differentiable cache of ``swiglu(r * GU)``, whose
-gradients flow to ``GU`` and ``r``. Split so, activation checkpointing under
-torch.compile recomputes only the first (the backward needs GU, not ``out``),
-as it skips the w2 GEMM of TorchTitan's own block; the price is one add of the
-two gradients of ``h``.
+Steps 1 and 2 are two custom ops. The second, ``out = h + a @ W2.T``, takes
+GU, ``a`` and ``r`` from the first as caches of functions of its other inputs
+(h, the norm weight, W1, W3), and its registered backward (3 and 4) is the
+whole MLP's; the first is called on detached inputs and has no backward.
+Split so, activation checkpointing under torch.compile recomputes only the
+first (the backward reads GU and ``r``, not ``out``), as it skips the w2 GEMM
+of TorchTitan's own block.
 """
 
 import torch
@@ -107,7 +108,8 @@ def rmsnorm_swiglu(
     h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor,
     w3: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(GU, act, r) for h (M, D): the pre-activation, silu(r*gate) * (r*up), the row rstd."""
+    """(GU, act, r) for h (M, D): the pre-activation, silu(r*gate) * (r*up), the row rstd.
+    No backward: ``swiglu_down_residual``'s covers it."""
     rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
     gu, act = rmsnorm_swiglu_fwd(h, rstd, fold_weight([w1, w3], norm_weight, True))
     return gu, act, rstd
@@ -119,50 +121,40 @@ def _(h, sumsq, norm_weight, w1, w3, eps):
     return h.new_empty(m, 2 * f), h.new_empty(m, f), h.new_empty(m, dtype=torch.float32)
 
 
-def _swiglu_setup_context(ctx, inputs, output):
-    h, _, norm_weight, w1, w3, _ = inputs
-    ctx.save_for_backward(h, output[2], norm_weight, w1, w3)
-    ctx.mark_non_differentiable(output[1])
-
-
-def _swiglu_backward(ctx, dgu, _dact, drstd):
-    """dh = dGU @ W13' - (r**3 dL/dr / D) h: d r / d h = -r**3 h / D."""
-    h, rstd, norm_weight, w1, w3 = ctx.saved_tensors
-    w13_folded = fold_weight([w1, w3], norm_weight, True)
-    dh = rmsnorm_linear_grad(dgu, w13_folded, h, rstd.pow(3) * drstd)
-    dw1, dw3, dnorm = unfold_grads(dgu.t() @ h, [w1, w3], norm_weight, True)
-    return dh, None, dnorm, dw1, dw3, None
-
-
-rmsnorm_swiglu.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
-
-
 @torch.library.custom_op("coda::swiglu_down_residual", mutates_args=(), device_types="cuda")
 def swiglu_down_residual(
-    h: torch.Tensor, act: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor, w2: torch.Tensor
+    h: torch.Tensor, act: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor,
+    norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
 ) -> torch.Tensor:
-    """out = h + act @ W2.T (h's shape), act = swiglu(r * GU) as ``rmsnorm_swiglu`` stored it."""
+    """out = h + act @ W2.T (h's shape); act, GU and r as ``rmsnorm_swiglu`` returned them
+    for these h, norm weight, W1 and W3."""
     return linear_residual_sumsq_fwd(h, act, w2)[0]
 
 
 @swiglu_down_residual.register_fake
-def _(h, act, gu, rstd, w2):
+def _(h, act, gu, rstd, norm_weight, w1, w3, w2):
     return torch.empty_like(h)
 
 
-def _down_setup_context(ctx, inputs, output):
-    _, _, gu, rstd, w2 = inputs
-    ctx.save_for_backward(gu, rstd, w2)
+def _setup_context(ctx, inputs, output):
+    h, _, gu, rstd, norm_weight, w1, w3, w2 = inputs
+    ctx.save_for_backward(h, gu, rstd, norm_weight, w1, w3, w2)
 
 
-def _down_backward(ctx, dout):
-    gu, rstd, w2 = ctx.saved_tensors
-    dout2d = dout.reshape(-1, w2.shape[0]).contiguous()
-    dgu, act, drstd = dswiglu_drstd(dout2d, w2, gu, rstd)
-    return dout, None, dgu, drstd, dout2d.t() @ act
+def _backward(ctx, dout):
+    """The MLP's backward; d r / d h = -r**3 h / D gives the RMSNorm correction."""
+    h, gu, rstd, norm_weight, w1, w3, w2 = ctx.saved_tensors
+    h2d = h.reshape(-1, h.shape[-1])
+    dout = dout.reshape(h2d.shape).contiguous()
+    dgu, act, drstd = dswiglu_drstd(dout, w2, gu, rstd)
+    dw2 = dout.t() @ act
+    dh = rmsnorm_linear_grad(dgu, fold_weight([w1, w3], norm_weight, True), h2d,
+                             rstd.pow(3) * drstd, dout)
+    dw1, dw3, dnorm = unfold_grads(dgu.t() @ h2d, [w1, w3], norm_weight, True)
+    return dh.view(h.shape), None, None, None, dnorm, dw1, dw3, dw2
 
 
-swiglu_down_residual.register_autograd(_down_backward, setup_context=_down_setup_context)
+swiglu_down_residual.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None):
@@ -172,5 +164,6 @@ def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None):
         return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq)
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)
-    gu, act, rstd = rmsnorm_swiglu(h.reshape(-1, h.shape[-1]), sumsq, norm_weight, w1, w3, eps)
-    return swiglu_down_residual(h, act, gu, rstd, w2)
+    gu, act, rstd = rmsnorm_swiglu(h.detach().reshape(-1, h.shape[-1]), sumsq, norm_weight.detach(),
+                                   w1.detach(), w3.detach(), eps)
+    return swiglu_down_residual(h, act, gu, rstd, norm_weight, w1, w3, w2)
