@@ -239,14 +239,6 @@ def load_offline_dataset(path: str | None = None, split: str = "train"):
     return Dataset.from_dict({"text": docs})
 
 
-def _load_train(path: str | None = None):
-    return load_offline_dataset(path, split="train")
-
-
-def _load_validation(path: str | None = None):
-    return load_offline_dataset(path, split="validation")
-
-
 def _process_text(sample: dict[str, Any]) -> str:
     return sample["text"]
 
@@ -257,10 +249,13 @@ def _dataset_configs() -> dict[str, Any]:
 
     return {
         DATASET_NAME: DatasetConfig(
-            path=DATASET_PATH, loader=_load_train, sample_processor=_process_text
+            path=DATASET_PATH, loader=functools.partial(load_offline_dataset, split="train"),
+            sample_processor=_process_text,
         ),
         VALIDATION_DATASET_NAME: DatasetConfig(
-            path=DATASET_PATH, loader=_load_validation, sample_processor=_process_text
+            path=DATASET_PATH,
+            loader=functools.partial(load_offline_dataset, split="validation"),
+            sample_processor=_process_text,
         ),
     }
 

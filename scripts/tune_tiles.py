@@ -15,7 +15,7 @@ import torch
 from bench_ops import M, SIZES, median_ms
 from bench_ops import randn as bf
 
-from coda_titan.kernels.cutedsl.gemm import cdiv
+from coda_titan.kernels.cutedsl.gemm import tile_partials
 from coda_titan.kernels.cutedsl.linear_residual_sumsq import residual_sumsq_epi
 from coda_titan.kernels.cutedsl.rmsnorm_linear_cross_entropy import (
     dgrad_zdz_epi, identity_epi, rstd_logits_lse_epi)
@@ -41,7 +41,7 @@ def cases(size, chunk, m):
 
     def residual(w, inp):
         def launch(cfg):
-            part = torch.empty(m, cdiv(w.shape[0], cfg["tile_N"]), device="cuda")
+            part = tile_partials(m, w.shape[0], cfg, "cuda")
             residual_sumsq_epi.gemm(inp, w, torch.empty_like(x), x, epi_args=dict(sumsq=part), **cfg)
         return launch
 
@@ -50,7 +50,7 @@ def cases(size, chunk, m):
                                 epi_args=dict(rstd=rstd, act=torch.empty_like(a)), **cfg)
 
     def dswiglu(cfg):
-        part = torch.empty(m, cdiv(f, cfg["tile_N"]), device="cuda")
+        part = tile_partials(m, f, cfg, "cuda")
         dswiglu_drstd_epi.gemm(dout, w2.mT, torch.empty_like(gu), gu,
                                epi_args=dict(rstd=rstd, act=torch.empty_like(a), drstd=part), **cfg)
 
@@ -71,12 +71,12 @@ def cases(size, chunk, m):
 
     def lse(cfg):
         rstd_logits_lse_epi.gemm(hc, wout, torch.empty_like(logits), None, epi_args=dict(
-            rstd=rc, lse=torch.empty(chunk, cdiv(vocab, cfg["tile_N"]), device="cuda"),
+            rstd=rc, lse=tile_partials(chunk, vocab, cfg, "cuda"),
             target=tgt, target_logit=torch.zeros(chunk, device="cuda")), **cfg)
 
     def lm_dgrad(cfg):
         dgrad_zdz_epi.gemm(logits, wout.mT, torch.empty_like(hc), None, epi_args=dict(
-            x=hc, zdz=torch.empty(chunk, cdiv(d, cfg["tile_N"]), device="cuda")), **cfg)
+            x=hc, zdz=tile_partials(chunk, d, cfg, "cuda")), **cfg)
 
     def lm_wgrad(cfg):
         identity_epi.gemm(logits.mT, hc.mT, dw, None, epi_args={}, add_to_output=True, **cfg)

@@ -108,8 +108,10 @@ def _(folded_grad, weights, norm_weight, interleave):
     return [torch.empty_like(w) for w in weights] + [torch.empty_like(norm_weight)]
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def tile_partials(rows: int, cols: int, cfg: dict, device: torch.device) -> torch.Tensor:
+    """The fp32 (rows, N-tiles) buffer an epilogue reduces into, one partial per
+    row and N-tile of a GEMM with ``cols`` output columns and tile config ``cfg``."""
+    return torch.empty(rows, -(-cols // cfg["tile_N"]), dtype=torch.float32, device=device)
 
 
 def unsupported_reason(*activations: torch.Tensor, weights: tuple = ()) -> str | None:

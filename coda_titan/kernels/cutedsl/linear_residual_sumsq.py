@@ -12,7 +12,7 @@ from quack.epilogue import gemm_epilogue
 from quack.epilogue.ops import ColVecReduce
 
 from ..linear_residual_sumsq import linear_residual_sumsq as reference
-from .gemm import TILES, aligned, cdiv, unsupported_reason, warn_fallback
+from .gemm import TILES, aligned, tile_partials, unsupported_reason, warn_fallback
 
 
 @gemm_epilogue(reduces={"sumsq": ColVecReduce("sumsq", scaled=True)})
@@ -32,8 +32,7 @@ def linear_residual_sumsq_fwd(
     n, k = weight.shape
     cfg = TILES["residual_deep" if k > 2 * n else "residual_square"]
     h = torch.empty_like(x)
-    partials = torch.empty(o.shape[0], cdiv(n, cfg["tile_N"]), dtype=torch.float32,
-                           device=x.device)
+    partials = tile_partials(o.shape[0], n, cfg, x.device)
     residual_sumsq_epi.gemm(o, weight, h.view(-1, n), x.view(-1, n),
                             epi_args=dict(sumsq=partials), **cfg)
     return h, partials.sum(-1)

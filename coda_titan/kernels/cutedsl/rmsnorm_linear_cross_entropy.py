@@ -27,7 +27,8 @@ from ..rmsnorm_linear_cross_entropy import (
     IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
 from .gemm import (
-    TILES, aligned, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback)
+    TILES, aligned, fold_weight, tile_partials, unfold_grads, unsupported_reason,
+    warn_fallback)
 from .row_kernels import row_rstd
 
 CFG_LOGITS = TILES["logits"]
@@ -61,7 +62,7 @@ def rmsnorm_logits_lse(
     h, rstd, folded_weight, target = aligned(h, rstd, folded_weight, target)
     m, vocab = h.shape[0], folded_weight.shape[0]
     logits = torch.empty(m, vocab, dtype=h.dtype, device=h.device)
-    lse = torch.empty(m, cdiv(vocab, CFG_LOGITS["tile_N"]), dtype=torch.float32, device=h.device)
+    lse = tile_partials(m, vocab, CFG_LOGITS, h.device)
     target_logit = torch.zeros(m, dtype=torch.float32, device=h.device)
     rstd_logits_lse_epi.gemm(h, folded_weight, logits, None, epi_args=dict(
         rstd=rstd, lse=lse, target=target, target_logit=target_logit), **CFG_LOGITS)
@@ -88,8 +89,7 @@ def rmsnorm_lm_head_dgrad(
     """dh = dzr @ W' - (r**2 c / D) h, c = sum(dz * z) reduced in the epilogue."""
     dzr, folded_weight, h, rstd = aligned(dzr, folded_weight, h, rstd)
     acc = torch.empty(h.shape, dtype=torch.float32, device=h.device)
-    partials = torch.empty(h.shape[0], cdiv(h.shape[1], CFG_DGRAD["tile_N"]),
-                           dtype=torch.float32, device=h.device)
+    partials = tile_partials(h.shape[0], h.shape[1], CFG_DGRAD, h.device)
     dgrad_zdz_epi.gemm(dzr, folded_weight.mT, acc, None, epi_args=dict(x=h, zdz=partials),
                        **CFG_DGRAD)
     corr = rstd.square() * partials.sum(-1) * (-1.0 / h.shape[1])

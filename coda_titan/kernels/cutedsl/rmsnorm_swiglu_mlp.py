@@ -35,7 +35,8 @@ from quack.epilogue.ops import ColVecLoad, ColVecReduce
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from .gemm import (
-    TILES, aligned, cdiv, fold_weight, unfold_grads, unsupported_reason, warn_fallback)
+    TILES, aligned, fold_weight, tile_partials, unfold_grads, unsupported_reason,
+    warn_fallback)
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
@@ -89,8 +90,7 @@ def dswiglu_drstd(
     m, hidden = dout.shape[0], w2.shape[1]
     dgu = torch.empty_like(gu)
     act = torch.empty(m, hidden, dtype=dout.dtype, device=dout.device)
-    partials = torch.empty(m, cdiv(hidden, CFG_DOWN_GRAD["tile_N"]), dtype=torch.float32,
-                           device=dout.device)
+    partials = tile_partials(m, hidden, CFG_DOWN_GRAD, dout.device)
     dswiglu_drstd_epi.gemm(dout, w2.mT, dgu, gu, epi_args=dict(rstd=rstd, act=act, drstd=partials),
                            **CFG_DOWN_GRAD)
     return dgu, act, partials.sum(-1)
