@@ -114,12 +114,15 @@ def tile_partials(rows: int, cols: int, cfg: dict, device: torch.device) -> torc
     return torch.empty(rows, -(-cols // cfg["tile_N"]), dtype=torch.float32, device=device)
 
 
-def unsupported_reason(*activations: torch.Tensor, weights: tuple = ()) -> str | None:
+def unsupported_reason(*activations: torch.Tensor, weights: tuple = (),
+                       any_rows: bool = False) -> str | None:
     """Why these operands cannot go to the SM90 bf16 kernels, or None.
 
     Every dimension of a weight is a row stride or a column count of some
     GEMM operand or output, so each must be a multiple of 8 (16 bytes); of an
-    activation only the last one is (M is free).
+    activation only the last one is (M is free). ``any_rows``: the op pads
+    the outputs whose width is a weight's row count (the LM head's vocab),
+    so only the weights' last dimension must be a multiple of 8.
     """
     for t in (*activations, *weights):
         if not t.is_cuda:
@@ -134,7 +137,7 @@ def unsupported_reason(*activations: torch.Tensor, weights: tuple = ()) -> str |
         if t.shape[-1] % 8 != 0:
             return f"dimension {t.shape[-1]} not a multiple of 8"
     for w in weights:
-        if any(n % 8 for n in w.shape):
+        if any(n % 8 for n in (w.shape[-1:] if any_rows else w.shape)):
             return f"weight shape {tuple(w.shape)} not a multiple of 8"
     return None
 

@@ -4,7 +4,11 @@
 Per chunk of tokens:
   1. ``z = r * (h @ W'.T)``: the epilogue stores the chunk's bf16 logits (as
      TorchTitan's bf16 logits are) and reduces per-tile log-sum-exp partials
-     (online max / sum-exp) and the target logit.
+     (online max / sum-exp) and the target logit. Any vocab size V runs here:
+     the logits rows are padded to a multiple of 8 columns (TMA needs 16-byte
+     row strides), the GEMM writes the first V, and the padding holds -inf,
+     so step 2 gives it probability 0 and a zero gradient; steps 3 and 4 read
+     only the first V columns (the GEMMs' ragged K / M edges are masked).
   2. quack's CuTe DSL cross-entropy backward turns the logits into
      ``dzr = r * (softmax(z) - onehot)`` in place (0 on ignored tokens), with
      ``r`` as its per-row upstream gradient.
@@ -55,25 +59,31 @@ def dgrad_zdz_epi(acc, x):
     return {"D": acc, "zdz": (acc, x)}
 
 
+def padded_vocab(vocab: int) -> int:
+    return -(-vocab // 8) * 8
+
+
 @torch.library.custom_op("coda::rmsnorm_logits_lse", mutates_args=(), device_types="cuda")
 def rmsnorm_logits_lse(
     h: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (M, V padded to a multiple of 8; -inf past V), log-sum-exp, target logit)."""
     h, rstd, folded_weight, target = aligned(h, rstd, folded_weight, target)
     m, vocab = h.shape[0], folded_weight.shape[0]
-    logits = torch.empty(m, vocab, dtype=h.dtype, device=h.device)
+    padded = torch.empty(m, padded_vocab(vocab), dtype=h.dtype, device=h.device)
+    padded[:, vocab:] = float("-inf")
     lse = tile_partials(m, vocab, CFG_LOGITS, h.device)
     target_logit = torch.zeros(m, dtype=torch.float32, device=h.device)
-    rstd_logits_lse_epi.gemm(h, folded_weight, logits, None, epi_args=dict(
+    rstd_logits_lse_epi.gemm(h, folded_weight, padded[:, :vocab], None, epi_args=dict(
         rstd=rstd, lse=lse, target=target, target_logit=target_logit), **CFG_LOGITS)
-    return logits, torch.logsumexp(lse, dim=-1), target_logit
+    return padded, torch.logsumexp(lse, dim=-1), target_logit
 
 
 @rmsnorm_logits_lse.register_fake
 def _(h, rstd, folded_weight, target):
     m = h.shape[0]
-    return (h.new_empty(m, folded_weight.shape[0]), h.new_empty(m, dtype=torch.float32),
-            h.new_empty(m, dtype=torch.float32))
+    return (h.new_empty(m, padded_vocab(folded_weight.shape[0])),
+            h.new_empty(m, dtype=torch.float32), h.new_empty(m, dtype=torch.float32))
 
 
 @torch.compile(dynamic=False)
@@ -127,7 +137,7 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
             if not compute_grad:
                 continue
             dzr = cross_entropy_bwd(logits, target, rstd, lse, ignore_index=IGNORE_INDEX,
-                                    inplace_backward=True)
+                                    inplace_backward=True)[:, :weight.shape[0]]
             dh[rows] = rmsnorm_lm_head_dgrad(dzr, folded, hc, rstd)
             wgrad_fp32(dfolded, dzr, hc, start > 0)
         if compute_grad:
@@ -137,7 +147,7 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
 
 
 def rmsnorm_linear_cross_entropy(h, norm_weight, weight, labels, eps, chunk_tokens=1024):
-    reason = unsupported_reason(h, weights=(weight,))
+    reason = unsupported_reason(h, weights=(weight,), any_rows=True)
     if reason is None and chunk_tokens % 8 != 0:
         reason = f"chunk_tokens {chunk_tokens} not a multiple of 8"
     if reason is not None:
