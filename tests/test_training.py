@@ -84,10 +84,11 @@ def test_compare_runs_reports_speed_and_loss_parity(runs, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "comparison.json").read_text())
-    assert summary["aligned_steps"] == STEPS - 2
-    assert summary["loss_max_abs_diff"] < 1e-2
-    assert summary["baseline_tok_s"] > 0 and summary["coda_tok_s"] > 0
-    assert summary["run_a"] == "baseline-debugmodel"
+    (record,) = summary["records"]
+    assert record["steps"] == STEPS - 2
+    assert record["max_abs_diff"] < 1e-2
+    assert all(arm["tok_s"] > 0 for arm in summary["speed"])
+    assert summary["reference"] == "baseline-debugmodel"
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
     assert "Loss parity over 6 aligned steps" in (tmp_path / "comparison.md").read_text()
 
@@ -104,8 +105,10 @@ def test_compare_runs_reads_the_trainers_console_logs(runs, tmp_path):
                                     "--out", str(tmp_path / "wandb"), "--warmup", "2"])
     from_logs = compare_runs.main([str(logs[0]), str(logs[1]), "--out", str(tmp_path / "logs"),
                                    "--warmup", "2"])
-    assert from_logs["aligned_steps"] == STEPS - 2
+    (record,) = from_logs["records"]
+    assert record["steps"] == STEPS - 2
     # The console prints losses to 5 decimals.
-    assert from_logs["loss_mean_abs_diff"] == pytest.approx(from_wandb["loss_mean_abs_diff"], abs=1e-5)
-    assert from_logs["baseline_step_ms"] > 0 and from_logs["coda_tok_s"] > 0
-    assert from_logs["coda_peak_gib"] >= 0
+    assert record["mean_abs_diff"] == pytest.approx(from_wandb["records"][0]["mean_abs_diff"], abs=1e-5)
+    baseline, coda = from_logs["speed"]
+    assert baseline["step_ms"] > 0 and coda["tok_s"] > 0
+    assert coda["peak_gib"] >= 0
