@@ -409,20 +409,25 @@ def report(result: dict) -> list[str]:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("reference", help="the reference run (baseline)")
-    parser.add_argument("candidates", nargs="+", help="candidate runs")
-    parser.add_argument("--noise", help="a repeat run of the reference config: the noise floor")
-    parser.add_argument("--out", default=str(REPO / "outputs" / "compare"))
-    parser.add_argument("--warmup", type=int,
+    parser.add_argument("reference", metavar="REF", help="the reference run (the baseline)")
+    parser.add_argument("candidates", metavar="CAND", nargs="+", help="candidate runs")
+    parser.add_argument("--noise", metavar="REF_REPEAT",
+                        help="a repeat run of the reference config and seed: the noise floor")
+    parser.add_argument("--out", metavar="DIR", default=str(REPO / "outputs" / "compare"),
+                        help="where the results go (default: outputs/compare in the repository)")
+    parser.add_argument("--warmup", metavar="N", type=int,
                         help=f"steps left out of medians and parity (default {DEFAULT_WARMUP}, "
                              "or a fifth of the shortest run)")
-    parser.add_argument("--window", type=int, default=100,
-                        help="steps per window of the window-mean criterion")
-    parser.add_argument("--noise-ratio", type=float, default=1.5,
-                        help="largest candidate mean |Δloss| as a multiple of the noise floor's")
-    parser.add_argument("--max-window-diff", type=float, default=0.03,
-                        help="largest |window mean Δloss| in nats")
-    parser.add_argument("--step-bench", help="scripts/bench_step.py JSON with a liger arm")
+    parser.add_argument("--window", metavar="N", type=int, default=100,
+                        help="steps per window of the window-mean criterion (default 100, or "
+                             "the compared span if shorter)")
+    parser.add_argument("--noise-ratio", metavar="X", type=float, default=1.5,
+                        help="largest candidate mean |Δloss| as a multiple of the noise floor's "
+                             "(default 1.5)")
+    parser.add_argument("--max-window-diff", metavar="NATS", type=float, default=0.03,
+                        help="largest |window mean Δloss| (default 0.03)")
+    parser.add_argument("--step-bench", metavar="JSON",
+                        help="scripts/bench_step.py output with a liger arm")
     args = parser.parse_intermixed_args(argv)
     if args.window < 1:
         parser.error("--window must be at least 1")
