@@ -8,7 +8,7 @@ bad one fails at start-up with a message naming the key and what it allows.
 
 from dataclasses import dataclass, field, fields
 
-from .backend import BACKENDS
+from .backend import ATTENTIONS, BACKENDS
 
 FP8_MODES = ("none", "torchao")
 
@@ -31,6 +31,12 @@ class Coda:
     backend: str = "auto"
     """``auto`` (CuTe DSL kernels on SM90, else reference) | ``cutedsl`` | ``reference``."""
 
+    attention: str = "auto"
+    """The attention core: ``flash4`` (FlashAttention-4 reading the packed QKV
+    and writing one packed dQKV; SM90, ``flash-attn-4`` installed, TorchTitan's
+    causal ``sdpa`` attention, head dim 8..256, bf16) | ``sdpa`` (TorchTitan's
+    own) | ``auto`` (``flash4`` where it can run, else ``sdpa``, logging why)."""
+
     fp8: str = "none"
     """``none``: everything bf16. ``torchao``: fusions in bf16, and the linears
     CODA does not fuse run TorchTitan's float8 converter (list
@@ -50,6 +56,11 @@ class Coda:
             raise ValueError(
                 f"[coda] backend = {self.backend!r} is not valid; "
                 f"allowed values: {', '.join(BACKENDS)}"
+            )
+        if self.attention not in ATTENTIONS:
+            raise ValueError(
+                f"[coda] attention = {self.attention!r} is not valid; "
+                f"allowed values: {', '.join(ATTENTIONS)}"
             )
         if self.fp8 not in FP8_MODES:
             raise ValueError(

@@ -24,7 +24,7 @@ from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.protocols.model_converter import register_model_converter
 from torchtitan.tools.logging import logger
 
-from .backend import resolve_backend
+from .backend import resolve_attention, resolve_backend
 from .config import Coda
 from .layers import CodaTransformerBlock, DeferredRMSNorm, FusedLMHead
 
@@ -96,7 +96,8 @@ class CodaConverter:
         self.coda = coda
         self.float8_filters = (job_config.quantize.linear.float8.filter_fqns
                                if FLOAT8_CONVERTER in job_config.model.converters else None)
-        self.backend = resolve_backend(coda.backend, bf16_activations_reason(job_config, parallel_dims))
+        self.activations_blocker = bf16_activations_reason(job_config, parallel_dims)
+        self.backend = resolve_backend(coda.backend, self.activations_blocker)
 
     @staticmethod
     def _check_fp8_converters(coda: Coda, job_config: JobConfig) -> None:
@@ -127,25 +128,43 @@ class CodaConverter:
                     f"names to [quantize.linear.float8] filter_fqns: {missing[:6]}"
                     + (f" (and {len(missing) - 6} more)" if len(missing) > 6 else "")
                 )
-        convert_model(model, self.coda, self.backend)
+        convert_model(model, self.coda, self.backend,
+                      model_attention(model, self.coda, self.activations_blocker))
 
     def post_optimizer_hook(self, model: nn.Module | list[nn.Module]) -> None:
         pass
 
 
-def convert_model(model: nn.Module, coda: Coda, backend: str) -> None:
-    """Convert a TorchTitan llama3 ``Transformer`` in place (what the converter runs).
+def model_attention(model: nn.Module, coda: Coda, blocker: str | None = None) -> str:
+    """``coda.attention`` resolved for this model's attention (head dim, TorchTitan
+    ``attn_type``): ``sdpa`` or ``flash4``, logged once; ``flash4`` that cannot run
+    raises here, at start-up."""
+    _check_llama3(model)
+    attention = next(iter(model.layers.values())).attention
+    return resolve_attention(coda.attention, attention.head_dim, attention.attn_type, blocker)
 
-    ``backend`` is a resolved backend (``resolve_backend(coda.backend)``).
-    """
+
+def _check_llama3(model: nn.Module) -> None:
     if not isinstance(model, Transformer):
         raise TypeError(
             f"the coda converter handles TorchTitan llama3 Transformer models, "
             f"got {type(model).__name__}"
         )
-    if coda.fuse_norm_qkv_rope or coda.fuse_wo_residual or coda.fuse_norm_swiglu_mlp:
+
+
+def convert_model(model: nn.Module, coda: Coda, backend: str, attention: str | None = None) -> None:
+    """Convert a TorchTitan llama3 ``Transformer`` in place (what the converter runs).
+
+    ``backend`` is a resolved backend (``resolve_backend(coda.backend)``),
+    ``attention`` a resolved attention core (``model_attention``; resolved here
+    when not given).
+    """
+    _check_llama3(model)
+    attention = attention or model_attention(model, coda)
+    if (coda.fuse_norm_qkv_rope or coda.fuse_wo_residual or coda.fuse_norm_swiglu_mlp
+            or attention != "sdpa"):
         for block in model.layers.values():
-            CodaTransformerBlock.convert(block, coda, backend)
+            CodaTransformerBlock.convert(block, coda, backend, attention)
     if coda.fuse_norm_output_loss:
         model.norm.__class__ = DeferredRMSNorm
         model.output.__class__ = FusedLMHead
@@ -154,7 +173,8 @@ def convert_model(model: nn.Module, coda: Coda, backend: str) -> None:
     on = [name for name in ("norm_qkv_rope", "wo_residual", "norm_swiglu_mlp", "norm_output_loss")
           if getattr(coda, f"fuse_{name}")]
     logger.info(
-        f"CODA: converted {len(model.layers)} blocks, fusions {on or 'none'}, backend {backend}"
+        f"CODA: converted {len(model.layers)} blocks, fusions {on or 'none'}, backend {backend}, "
+        f"attention {attention}"
     )
 
 

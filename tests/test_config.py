@@ -51,6 +51,8 @@ def test_1b_flavor_matches_the_coda_paper():
     [
         ({"backend": "cuda"}, r"\[coda\] backend = 'cuda' is not valid; allowed values: auto, cutedsl, reference"),
         ({"fp8": "e4m3"}, r"\[coda\] fp8 = 'e4m3' is not valid; allowed values: none, torchao"),
+        ({"attention": "flash3"},
+         r"\[coda\] attention = 'flash3' is not valid; allowed values: auto, sdpa, flash4"),
         ({"fuse_wo_residual": "yes"}, r"\[coda\] fuse_wo_residual = 'yes' must be a bool"),
         ({"loss_chunk_tokens": 0}, r"\[coda\] loss_chunk_tokens = 0 must be >= 1"),
         ({"bakend": "auto"}, r"unknown key\(s\) in \[coda\]: bakend; allowed keys: fuse_norm_qkv_rope"),

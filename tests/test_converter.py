@@ -246,3 +246,102 @@ def test_float32_activations_keep_the_kernels_off(monkeypatch):
     assert backend.resolve_backend("auto", None) == "cutedsl"
     with pytest.raises(RuntimeError, match="float32"):
         backend.resolve_backend("cutedsl", reason)
+
+
+def attention_log(caplog):
+    return [r for r in caplog.records if r.getMessage().startswith("CODA attention")]
+
+
+def test_auto_attention_takes_sdpa_on_cpu_with_one_warning(caplog):
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    model = make_model()
+    CodaConverter(job_config("--coda.attention=auto"), single_device()).convert(model)
+    (record,) = attention_log(caplog)
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == "CODA attention: sdpa because no CUDA device"
+    assert {b.attention_kernel for b in model.layers.values()} == {"sdpa"}
+
+
+def test_flash4_attention_refused_at_start_up_on_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only refusal")
+    converter = CodaConverter(job_config("--coda.attention=flash4"), single_device())
+    with pytest.raises(RuntimeError, match="attention = 'flash4' cannot run here: no CUDA device"):
+        converter.convert(make_model())
+
+
+@pytest.fixture
+def flash4_runs_here(monkeypatch):
+    """An SM90 GPU with flash-attn-4 installed, as far as resolution can tell."""
+    import coda_titan.backend as backend
+
+    monkeypatch.setattr(backend, "flash4_unavailable_reason", lambda: None)
+
+
+def test_unsupported_head_dim_takes_sdpa_or_fails_at_start_up(flash4_runs_here, caplog):
+    """head_dim 264 is above flash4's 256: auto takes SDPA with one warning naming
+    it; flash4 refuses at start-up with the reason."""
+    args = TransformerModelArgs(dim=528, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=64)
+    model = Transformer(args)
+    CodaConverter(job_config("--coda.attention=auto", "--training.dtype=bfloat16"),
+                  single_device()).convert(model)
+    (record,) = attention_log(caplog)
+    assert record.levelname == "WARNING"
+    assert "head_dim 264 is outside flash4's SM90 range (8..256" in record.getMessage()
+    assert {b.attention_kernel for b in model.layers.values()} == {"sdpa"}
+    converter = CodaConverter(job_config("--coda.attention=flash4", "--training.dtype=bfloat16"),
+                              single_device())
+    with pytest.raises(RuntimeError, match="attention = 'flash4' cannot run here: head_dim 264"):
+        converter.convert(Transformer(args))
+
+
+def test_flash4_resolution_reasons(flash4_runs_here):
+    from coda_titan.backend import resolve_attention
+
+    assert resolve_attention("auto", 64, "sdpa") == "flash4"
+    assert resolve_attention("flash4", 128, "sdpa") == "flash4"
+    assert resolve_attention("sdpa", 64, "sdpa") == "sdpa"
+    assert resolve_attention("auto", 64, "flex") == "sdpa"
+    assert resolve_attention("auto", 36, "sdpa") == "sdpa"
+    assert resolve_attention("auto", 64, "sdpa", "float32 activations") == "sdpa"
+    for args, reason in [((256 + 8, "sdpa"), "head_dim 264"), ((60, "sdpa"), "head_dim 60"),
+                         ((64, "varlen"), "attn_type = 'varlen'"),
+                         ((64, "sdpa", "float32 activations"), "float32 activations")]:
+        with pytest.raises(RuntimeError, match=reason):
+            resolve_attention("flash4", *args)
+    with pytest.raises(ValueError, match="allowed values: auto, sdpa, flash4"):
+        resolve_attention("flash3", 64, "sdpa")
+
+
+def test_flash4_needs_sm90_and_the_pinned_package(monkeypatch):
+    import importlib.metadata
+
+    import coda_titan.backend as backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (10, 0))
+    assert "SM100" in backend.flash4_unavailable_reason()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    real_find_spec = backend.importlib.util.find_spec
+    installed = {"flash_attn.cute": False}
+
+    def find_spec(name):
+        if name in installed:
+            return object() if installed[name] else None
+        return real_find_spec(name)
+
+    monkeypatch.setattr(backend.importlib.util, "find_spec", find_spec)
+    assert "'flash-attn-4' is not installed" in backend.flash4_unavailable_reason()
+    installed["flash_attn.cute"] = True
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.0.0b35")
+    assert "flash-attn-4 4.0.0b35 is installed" in backend.flash4_unavailable_reason()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: backend.FLASH4_VERSION)
+    assert backend.flash4_unavailable_reason() is None
+
+
+def test_float32_activations_keep_flash4_off(flash4_runs_here):
+    model = make_model(dtype=torch.float32)
+    converter = CodaConverter(job_config("--coda.attention=flash4"), single_device())
+    with pytest.raises(RuntimeError, match="float32"):
+        converter.convert(model)

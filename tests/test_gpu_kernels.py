@@ -117,7 +117,7 @@ def test_rmsnorm_qkv_rope_kernel(batch, seqlen, d, hq, hkv):
     freqs_cis = precompute_freqs_cis(hd, 8192, 500000.0).to(dev)
     positions = token_positions(batch, seqlen, torch.randint(0, 8192, (batch, seqlen), device=dev),
                                 dev)
-    grads = [torch.randn(batch * seqlen, n, device=dev, dtype=bf) for n in (hq * hd, hkv * hd, hkv * hd)]
+    grads = [torch.randn(batch * seqlen, (hq + 2 * hkv) * hd, device=dev, dtype=bf)]
 
     def kernel(x, g, wq, wk, wv):
         return OPS.rmsnorm_qkv_rope(x, g, wq, wk, wv, freqs_cis, positions, 1e-5)
@@ -150,7 +150,8 @@ def test_rmsnorm_linear_cross_entropy_kernel(m, d, vocab, chunk):
 
 def test_converted_1b_block_matches_reference_path():
     """A LLaMA-3 1B block (dims of the 1B flavor) converted with the cutedsl backend
-    against the same block on the reference backend, forward and backward, bf16."""
+    (and flash4 attention where installed) against the same block on the reference
+    backend with TorchTitan's SDPA, forward and backward, bf16."""
     import copy
 
     from torchtitan.models.llama3.model.model import TransformerBlock, precompute_freqs_cis
@@ -167,8 +168,8 @@ def test_converted_1b_block_matches_reference_path():
         block.attention_norm.weight.uniform_(0.5, 1.5)
         block.ffn_norm.weight.uniform_(0.5, 1.5)
     fused = CodaTransformerBlock.convert(copy.deepcopy(block), Coda(), "cutedsl")
-    reference = CodaTransformerBlock.convert(copy.deepcopy(block), Coda(), "reference")
-    truth = CodaTransformerBlock.convert(copy.deepcopy(block).double(), Coda(), "reference")
+    reference = CodaTransformerBlock.convert(copy.deepcopy(block), Coda(), "reference", "sdpa")
+    truth = CodaTransformerBlock.convert(copy.deepcopy(block).double(), Coda(), "reference", "sdpa")
     freqs = precompute_freqs_cis(args.dim // args.n_heads, 4096, args.rope_theta).cuda()
     x = torch.randn(2, 2048, args.dim, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn_like(x)

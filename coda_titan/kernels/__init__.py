@@ -2,19 +2,23 @@
 
 One op per module, forward and backward together, the math in its docstring.
 ``ops_for(backend)`` returns the implementation a layer should call; the
-reference is also the CPU fallback.
+reference is also the CPU fallback. The attention core is chosen on its own
+(``[coda] attention``): ``attention_for(kernel)``.
 """
 
 from types import SimpleNamespace
 
 from .linear_residual_sumsq import linear_residual_sumsq
+from .packed_attention import packed_attention
 from .rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy
 from .rmsnorm_qkv_rope import rmsnorm_qkv_rope, token_positions
 from .rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp
 
 __all__ = [
+    "attention_for",
     "linear_residual_sumsq",
     "ops_for",
+    "packed_attention",
     "rmsnorm_linear_cross_entropy",
     "rmsnorm_qkv_rope",
     "rmsnorm_swiglu_mlp",
@@ -38,3 +42,15 @@ def ops_for(backend: str) -> SimpleNamespace:
 
         return cutedsl.OPS
     raise ValueError(f"unknown CODA backend {backend!r}; expected 'reference' or 'cutedsl'")
+
+
+def attention_for(kernel: str):
+    """The attention core for a resolved ``[coda] attention`` (``sdpa`` or ``flash4``):
+    ``f(attention, qkv, attention_masks) -> (B, S, Hq * D)`` (``packed_attention``)."""
+    if kernel == "sdpa":
+        return packed_attention
+    if kernel == "flash4":
+        from .flash4 import packed_attention as flash4
+
+        return flash4.packed_attention
+    raise ValueError(f"unknown CODA attention {kernel!r}; expected 'sdpa' or 'flash4'")

@@ -4,14 +4,14 @@ Forward, with ``W = [Wq; Wk; Wv]`` and norm weight ``g`` folded in::
 
     r = rsqrt(mean(x**2) + eps)
     z = r * (x @ (W * g).T)                      # deferred rstd
-    q = R(z_q),  k = R(z_k),  v = z_v            # RoPE on (even, odd) pairs
+    qkv = [R(z_q) | R(z_k) | z_v]                # RoPE on (even, odd) pairs, packed
 
 ``R`` rotates each interleaved pair ``(a, b)`` of a head by the position's
 angle: ``(a cos - b sin, a sin + b cos)``, as TorchTitan's complex
-``freqs_cis`` does. Backward: ``dz_q = R^T(dq)``, ``dz_k = R^T(dk)``, and since
-``R`` is orthogonal ``c = sum z*dz = sum(q*dq) + sum(k*dk) + sum(v*dv)``: the
-pre-RoPE projections are never saved. The RMSNorm backward then finishes in
-the dgrad GEMM (see ``deferred_rmsnorm``).
+``freqs_cis`` does. Backward, from the packed ``dqkv = [dq | dk | dv]``:
+``dz_q = R^T(dq)``, ``dz_k = R^T(dk)``, and since ``R`` is orthogonal
+``c = sum z*dz = sum(qkv * dqkv)``: the pre-RoPE projections are never saved.
+The RMSNorm backward then finishes in the dgrad GEMM (see ``deferred_rmsnorm``).
 """
 
 import torch
@@ -67,23 +67,20 @@ class RMSNormQKVRoPE(torch.autograd.Function):
         weight = torch.cat((wq, wk, wv))
         z = deferred_norm_linear(x, rstd, fold_norm_weight(weight, norm_weight))
         nq, nk = wq.shape[0], wk.shape[0]
-        q = rotate(z[:, :nq], cos, sin).to(weight.dtype)
-        k = rotate(z[:, nq : nq + nk], cos, sin).to(weight.dtype)
-        v = z[:, nq + nk :].to(weight.dtype)
-        ctx.save_for_backward(x, rstd, norm_weight, weight, cos, sin, q, k, v)
+        qkv = torch.cat(
+            (rotate(z[:, :nq], cos, sin), rotate(z[:, nq : nq + nk], cos, sin), z[:, nq + nk :]),
+            dim=-1,
+        ).to(weight.dtype)
+        ctx.save_for_backward(x, rstd, norm_weight, weight, cos, sin, qkv)
         ctx.splits = (nq, nk, wv.shape[0])
-        return q, k, v
+        return qkv
 
     @staticmethod
-    def backward(ctx, dq, dk, dv):
-        x, rstd, norm_weight, weight, cos, sin, q, k, v = ctx.saved_tensors
-        acc = rstd.dtype
-        dq, dk, dv = dq.to(acc), dk.to(acc), dv.to(acc)
-        zdz = (
-            (dq * q.to(acc)).sum(-1)
-            + (dk * k.to(acc)).sum(-1)
-            + (dv * v.to(acc)).sum(-1)
-        )
+    def backward(ctx, dqkv):
+        x, rstd, norm_weight, weight, cos, sin, qkv = ctx.saved_tensors
+        dqkv = dqkv.to(rstd.dtype)
+        zdz = (dqkv * qkv.to(rstd.dtype)).sum(-1)
+        dq, dk, dv = dqkv.split(ctx.splits, dim=-1)
         dz = torch.cat(
             (rotate(dq, cos, sin, inverse=True), rotate(dk, cos, sin, inverse=True), dv),
             dim=-1,
@@ -106,8 +103,10 @@ def rmsnorm_qkv_rope(
     freqs_cis: torch.Tensor,
     positions: torch.Tensor,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x`` (M, D) -> post-RoPE ``q`` (M, Hq*hd), ``k`` (M, Hkv*hd), ``v`` (M, Hkv*hd).
+) -> torch.Tensor:
+    """``x`` (M, D) -> ``qkv`` (M, Nq + Nk + Nv): post-RoPE ``[q | k | v]`` packed in
+    one tensor (Nq = Hq*hd, Nk = Nv = Hkv*hd), which views as (B, S, Hq + 2 Hkv, hd),
+    the layout the attention core reads (``packed_attention``).
 
     ``freqs_cis`` is TorchTitan's complex RoPE table (max_seq_len, hd/2),
     ``positions`` the (M,) int position of each token (``token_positions``).

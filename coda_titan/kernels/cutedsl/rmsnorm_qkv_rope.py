@@ -207,4 +207,4 @@ def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
         warn_fallback("rmsnorm_qkv_rope", reason)
         return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
     qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
-    return qkv.split((wq.shape[0], wk.shape[0], wv.shape[0]), dim=-1)
+    return qkv
