@@ -5,9 +5,20 @@ For each op at LLaMA-3 1B and 8B dims with M = 16384 tokens, in one process:
   eager    the unfused TorchTitan-style PyTorch code (cuBLAS GEMMs + eager ops)
   compile  the same code under torch.compile
   floor    the bare GEMM(s) alone (torch.matmul), the lower bound
-Medians of triton.testing.do_bench. Writes benchmarks/results/ops_<gpu>.{json,md}.
+and arms of a single op (the last column). Medians of triton.testing.do_bench.
+Writes benchmarks/results/ops_<gpu>.{json,md}.
 
-  python scripts/bench_ops.py [--sizes 1B 8B] [--ops qkv_rope residual mlp lm_head block]
+attention (B 2, S 8192, causal; 1B 32/8 heads d 64, 8B 32/8 heads d 128):
+  coda     flash4 on the packed QKV (our op: dQKV written as one buffer)
+  eager    TorchTitan's SDPA (cuDNN) on views of the packed QKV, the
+           ``attention = "sdpa"`` path; autograd concatenates dq/dk/dv
+  compile  the same under torch.compile
+  floor    flash-attn-4's forward / backward kernels alone on separate contiguous q/k/v
+  titan    TorchTitan's SDPA (cuDNN) on separate contiguous q/k/v, as its block calls it
+  flash4_separate  our op on separate contiguous q/k/v (the unfused-projections path)
+
+  python scripts/bench_ops.py [--sizes 1B 8B]
+                              [--ops qkv_rope attention residual mlp lm_head block]
                               [--lm-chunk 8192]
 
 "fwd+bwd" adds the two; peak MiB is the allocation above the inputs during
@@ -125,6 +136,46 @@ def qkv_rope_case(s):
     return eager, coda, [x, g, wq, wk, wv], [randn(M, w.shape[0])], floors
 
 
+def attention_case(s):
+    """Arms of the attention core (see the module docstring); the sixth element maps
+    each arm that takes other inputs than the packed QKV to (function, inputs)."""
+    from torchtitan.models.llama3.model.args import TransformerModelArgs
+    from torchtitan.models.llama3.model.model import Attention
+
+    from coda_titan.kernels import attention_for, packed_attention
+    from coda_titan.kernels.flash4.packed_attention import flash4_interface
+
+    hq, hkv = s["hq"], s["hkv"]
+    hd, batch, seqlen = s["d"] // hq, 2, M // 2
+    with torch.device("meta"):  # only its attention core runs, which holds no weights
+        attention = Attention(TransformerModelArgs(dim=s["d"], n_heads=hq, n_kv_heads=hkv))
+    qkv = randn(batch, seqlen, hq + 2 * hkv, hd)
+    separate = [t.contiguous() for t in qkv.split((hq, hkv, hkv), dim=2)]
+    flash4 = attention_for("flash4")
+
+    def coda(qkv):
+        return flash4(attention, [qkv], None)
+
+    def eager(qkv):
+        return packed_attention(attention, [qkv], None)
+
+    interface = flash4_interface()
+    forward = functools.partial(interface._flash_attn_fwd, *separate, causal=True, return_lse=True)
+    saved = functools.cache(forward)  # no kernel runs (or compiles) before the arms do
+    dout = randn(batch, seqlen, hq, hd)
+
+    def backward():
+        out, lse, *_ = saved()
+        return interface._flash_attn_bwd(*separate, out, dout, lse, causal=True)
+
+    floors = {"fwd": forward, "bwd": backward}
+    extra = {
+        "titan": (lambda q, k, v: packed_attention(attention, [q, k, v], None), separate),
+        "flash4_separate": (lambda q, k, v: flash4(attention, [q, k, v], None), separate),
+    }
+    return eager, coda, [qkv], [dout.flatten(2)], floors, extra
+
+
 def lm_head_case(s, chunk_tokens=8192):
     d, vocab = s["d"], s["v"]
     h, g = randn(M, d), (torch.rand(d, device=DEV) + 0.5).to(BF)
@@ -199,11 +250,13 @@ def block_case(s):
         "bwd": lambda: (qkv @ wqkv, qkv.t() @ x2, attn_bwd(), x2 @ wo, x2.t() @ o, x2 @ w2,
                         x2.t() @ a, gu @ w13, gu.t() @ x2),
     }
-    return wrap(titan), wrap(fused), [x], [randn(batch, seqlen, args.dim)], floors
+    # TorchTitan compiles each block, converted ones too.
+    extra = {"coda_compile": (torch.compile(wrap(fused)), [x])}
+    return wrap(titan), wrap(fused), [x], [randn(batch, seqlen, args.dim)], floors, extra
 
 
-CASES = {"qkv_rope": qkv_rope_case, "residual": residual_case, "mlp": mlp_case,
-         "lm_head": lm_head_case, "block": block_case}
+CASES = {"qkv_rope": qkv_rope_case, "attention": attention_case, "residual": residual_case,
+         "mlp": mlp_case, "lm_head": lm_head_case, "block": block_case}
 
 
 def main():
@@ -219,21 +272,20 @@ def main():
     if args.profile:
         for size in args.sizes:
             for op in args.ops:
-                _, coda, inputs, grad_outs, _ = CASES[op](SIZES[size])
+                _, coda, inputs, grad_outs, *_ = CASES[op](SIZES[size])
                 print(f"== {op} {size}")
                 profile(coda, inputs, grad_outs)
         return
     records = []
     for size in args.sizes:
         for op in args.ops:
-            eager, coda, inputs, grad_outs, floors = CASES[op](SIZES[size])
-            compiled = torch.compile(eager)
-            arms = [("coda", coda), ("eager", eager), ("compile", compiled)]
-            if op == "block":  # TorchTitan compiles each block, converted ones too
-                arms.append(("coda_compile", torch.compile(coda)))
+            eager, coda, inputs, grad_outs, floors, *rest = CASES[op](SIZES[size])
+            extra = rest[0] if rest else {}
+            arms = {"coda": (coda, inputs), "eager": (eager, inputs),
+                    "compile": (torch.compile(eager), inputs), **extra}
             times = {}
-            for arm, fn in arms:
-                fresh = [t.detach().clone() for t in inputs]
+            for arm, (fn, arm_inputs) in arms.items():
+                fresh = [t.detach().clone() for t in arm_inputs]
                 times[arm] = fwd_bwd_times(fn, fresh, grad_outs)
             floor = {p: median_ms(floors[p]) for p in ("fwd", "bwd")}
             floor["fwd+bwd"] = floor["fwd"] + floor["bwd"]
@@ -247,8 +299,8 @@ def main():
                            compile_ms=times["compile"][i], floor_ms=floor[pas],
                            coda_peak_mib=times["coda"][3], eager_peak_mib=times["eager"][3],
                            compile_peak_mib=times["compile"][3])
-                if "coda_compile" in times:
-                    rec["coda_compile_ms"] = times["coda_compile"][i]
+                rec["other_arms_ms"] = {arm: times[arm][i] for arm in extra}
+                rec["other_arms_peak_mib"] = {arm: times[arm][3] for arm in extra}
                 rec["coda_vs_floor"] = rec["coda_ms"] / rec["floor_ms"]
                 rec["compile_over_coda"] = rec["compile_ms"] / rec["coda_ms"]
                 rec["eager_over_coda"] = rec["eager_ms"] / rec["coda_ms"]
@@ -259,15 +311,16 @@ def main():
                       f"{rec['compile_over_coda']:.3f} eager/coda {rec['eager_over_coda']:.3f} | "
                       f"peak MiB coda {rec['coda_peak_mib']:.0f} eager {rec['eager_peak_mib']:.0f} "
                       f"compile {rec['compile_peak_mib']:.0f}"
-                      + (f" | coda+compile {rec['coda_compile_ms']:.3f}" if "coda_compile_ms" in rec
-                         else ""), flush=True)
+                      + "".join(f" | {arm} {ms:.3f}" for arm, ms in rec["other_arms_ms"].items()),
+                      flush=True)
     table = ["| op | size | pass | coda ms | eager ms | compile ms | floor ms | coda/floor | "
-             "compile/coda | eager/coda | peak MiB coda / eager / compile |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "compile/coda | eager/coda | peak MiB coda / eager / compile | other arms ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['op']} | {r['size']} | {r['pass']} | {r['coda_ms']:.3f} | {r['eager_ms']:.3f} | "
               f"{r['compile_ms']:.3f} | {r['floor_ms']:.3f} | {r['coda_vs_floor']:.3f} | "
               f"{r['compile_over_coda']:.3f} | {r['eager_over_coda']:.3f} | "
-              f"{r['coda_peak_mib']:.0f} / {r['eager_peak_mib']:.0f} / {r['compile_peak_mib']:.0f} |"
+              f"{r['coda_peak_mib']:.0f} / {r['eager_peak_mib']:.0f} / {r['compile_peak_mib']:.0f} | "
+              + ", ".join(f"{arm} {ms:.3f}" for arm, ms in r["other_arms_ms"].items()) + " |"
               for r in records]
     write_results(args.out, "ops", "CODA op benchmark", records, table)
 

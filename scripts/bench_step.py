@@ -5,8 +5,10 @@
   liger     the same model with Liger-Kernel's RMSNorm, SiLU-mul and fused
             linear cross-entropy swapped in, eager (Liger's RMSNorm does not
             trace under per-block compile), as a TorchTitan user would do today
-  coda      the model converted by coda_titan (all fusions, cutedsl backend),
-            each block under torch.compile(fullgraph=True)
+  coda      the model converted by coda_titan (all fusions, cutedsl backend,
+            ``[coda] attention`` from --coda-attention: ``auto`` takes flash4 on
+            the packed QKV on an SM90 GPU with flash-attn-4 installed), each block
+            under torch.compile(fullgraph=True)
 
 Each step is forward + backward + gradient clipping + fused AdamW, bf16
 parameters, random tokens. Reports the median step time, tokens/s, peak memory
@@ -15,9 +17,11 @@ Writes benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
   python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --full-ac
+  python scripts/bench_step.py --arms baseline coda --coda-attention sdpa
 """
 
 import argparse
+import functools
 import gc
 import statistics
 from dataclasses import replace
@@ -31,8 +35,10 @@ from torchtitan.tools.utils import set_default_dtype
 
 from bench_results import write_results
 
+from coda_titan.backend import ATTENTIONS
 from coda_titan.config import Coda
 from coda_titan.converter import convert_model
+from coda_titan.layers import CodaTransformerBlock
 from coda_titan.train_spec import build_coda_loss, coda_llama3_args
 
 GEMM_MARKERS = ("gemm", "nvjet", "GemmMod", "xmma", "cublas", "cutlass_kernel_quackepilogue")
@@ -101,9 +107,10 @@ def liger_arm(flavor, seq, full_ac):
     return model, loss_fn
 
 
-def coda_arm(flavor, seq, full_ac):
+def coda_arm(flavor, seq, full_ac, attention="auto"):
     model = build_model(flavor, seq)
-    convert_model(model, Coda(backend="cutedsl", loss_chunk_tokens=8192), "cutedsl")
+    convert_model(model, Coda(backend="cutedsl", attention=attention, loss_chunk_tokens=8192),
+                  "cutedsl")
     model = materialize(model)
     wrap_blocks(model, full_ac, compile=True)
     loss_config = SimpleNamespace(
@@ -123,8 +130,10 @@ def classify(name: str) -> str:
     return "other"
 
 
-def run_arm(arm, flavor, seq, batch, steps, warmup, full_ac=False, top_kernels=0):
-    model, loss_fn = ARMS[arm](flavor, seq, full_ac)
+def run_arm(arm, flavor, seq, batch, steps, warmup, full_ac=False, top_kernels=0,
+            coda_attention="auto"):
+    build = functools.partial(coda_arm, attention=coda_attention) if arm == "coda" else ARMS[arm]
+    model, loss_fn = build(flavor, seq, full_ac)
     params = [p for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     vocab = coda_llama3_args[flavor].vocab_size
@@ -169,7 +178,10 @@ def run_arm(arm, flavor, seq, batch, steps, warmup, full_ac=False, top_kernels=0
             print(f"   {event.device_time_total / 1e3:8.2f} ms x{event.count:4d} "
                   f"[{classify(event.key)}] {event.key[:100]}")
     step_ms = statistics.median(times)
-    record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, full_ac=full_ac, step_ms=step_ms,
+    attention = sorted({b.attention_kernel for b in model.modules()
+                        if isinstance(b, CodaTransformerBlock)}) or ["titan"]
+    record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, full_ac=full_ac,
+                  attention="/".join(attention), step_ms=step_ms,
                   tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
                   profile_ms=breakdown)
     del model, optimizer, params
@@ -190,14 +202,17 @@ def main():
     parser.add_argument("--top-kernels", type=int, default=0, help="print the N costliest kernels")
     parser.add_argument("--full-ac", action="store_true",
                         help="full activation checkpointing on every block (8B on 80 GB)")
+    parser.add_argument("--coda-attention", default="auto", choices=ATTENTIONS,
+                        help="[coda] attention of the coda arm")
     args = parser.parse_args()
     records = []
     for arm in args.arms:
         rec = run_arm(arm, args.flavor, args.seq, args.batch, args.steps, args.warmup,
-                      args.full_ac, args.top_kernels)
+                      args.full_ac, args.top_kernels, args.coda_attention)
         records.append(rec)
         prof = rec["profile_ms"]
-        print(f"{arm:9s} {args.flavor} seq {args.seq} x {args.batch}: {rec['step_ms']:.1f} ms/step, "
+        print(f"{arm:9s} {args.flavor} seq {args.seq} x {args.batch} (attention "
+              f"{rec['attention']}): {rec['step_ms']:.1f} ms/step, "
               f"{rec['tok_s'] / 1e3:.1f}k tok/s, peak {rec['peak_gib']:.1f} GiB, first loss "
               f"{rec['first_loss']:.4f} | profile gemm {prof['gemm']:.1f} attention "
               f"{prof['attention']:.1f} other {prof['other']:.1f} ms", flush=True)
@@ -205,9 +220,10 @@ def main():
     if base:
         for r in records:
             r["speedup_vs_baseline"] = base["step_ms"] / r["step_ms"]
-    table = ["| arm | step ms | tok/s | speedup | peak GiB | GEMM ms | attention ms | other ms |",
-             "|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['arm']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
+    table = ["| arm | attention | step ms | tok/s | speedup | peak GiB | GEMM ms | attention ms | "
+             "other ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['arm']} | {r['attention']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
               f"{r.get('speedup_vs_baseline', float('nan')):.3f} | {r['peak_gib']:.1f} | "
               f"{r['profile_ms']['gemm']:.1f} | {r['profile_ms']['attention']:.1f} | "
               f"{r['profile_ms']['other']:.1f} |" for r in records]
