@@ -113,7 +113,8 @@ def resolve_attention(
         return "sdpa"
     reason = flash4_unavailable_reason() or flash4_shape_reason(head_dim, attn_type) or blocker
     if reason is None:
-        logger.info("CODA attention: flash4 (FlashAttention-4 on the packed QKV, packed dQKV)")
+        logger.info("CODA attention: flash4 (flash-attn-4 %s on SM90, head_dim %d: reads the "
+                    "packed QKV, writes one dQKV)", FLASH4_VERSION, head_dim)
         return "flash4"
     if requested == "flash4":
         raise RuntimeError(f"[coda] attention = 'flash4' cannot run here: {reason}")

@@ -251,12 +251,18 @@ def test_block_with_flash4_under_compile_and_activation_checkpointing(emulated_f
     x, freqs, grad_out = block_inputs()
     want = block_step(fused, x, freqs, grad_out)
     selective = ActivationCheckpoint(mode="selective", selective_ac_option="op")
-    variants = {
-        "compiled": (torch.compile(copy.deepcopy(fused), backend="aot_eager", fullgraph=True), 1),
-        "full_ac": (checkpoint_wrapper(copy.deepcopy(fused), preserve_rng_state=False), 2),
-        "selective_ac": (_apply_ac_to_transformer_block(
-            copy.deepcopy(fused), selective, op_sac_save_list=_op_sac_save_list), 1),
+    wrappers = {
+        "bare": (lambda block: block, 1),
+        "full_ac": (lambda block: checkpoint_wrapper(block, preserve_rng_state=False), 2),
+        "selective_ac": (lambda block: _apply_ac_to_transformer_block(
+            block, selective, op_sac_save_list=_op_sac_save_list), 1),
     }
+    variants = {}
+    for name, (wrap, forward_calls) in wrappers.items():
+        variants[name] = (wrap(copy.deepcopy(fused)), forward_calls)
+        # TorchTitan wraps for AC, then compiles each block.
+        variants[f"compiled_{name}"] = (torch.compile(
+            wrap(copy.deepcopy(fused)), backend="aot_eager", fullgraph=True), forward_calls)
     for name, (module, forward_calls) in variants.items():
         emulated_flash4.forward_calls = 0
         got = block_step(module, x, freqs, grad_out)
