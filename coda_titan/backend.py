@@ -27,6 +27,10 @@ ATTENTIONS = ("auto", "sdpa", "flash4")
 # its backward preallocated gradients); pyproject's extra pins the same version.
 FLASH4_VERSION = "4.0.0b36"
 
+# CPU installs leave quack, CuTe DSL and flash-attn-4 out; this pyproject extra
+# brings them.
+GPU_EXTRA_HINT = 'pip install -e ".[gpu]", or ".[cu13]" on CUDA 13'
+
 
 def cutedsl_unavailable_reason() -> str | None:
     """None when the CuTe DSL kernels can run here, else why not."""
@@ -37,7 +41,7 @@ def cutedsl_unavailable_reason() -> str | None:
         return f"GPU is SM{major}{minor}, the kernels target SM90 (H100/H200)"
     for module in ("cutlass", "quack"):
         if importlib.util.find_spec(module) is None:
-            return f"python package {module!r} is not installed"
+            return f"python package {module!r} is not installed ({GPU_EXTRA_HINT})"
     return None
 
 
@@ -74,7 +78,8 @@ def flash4_unavailable_reason() -> str | None:
     except ModuleNotFoundError:  # no top-level flash_attn package at all
         found = False
     if not found:
-        return f"python package 'flash-attn-4' is not installed (flash-attn-4=={FLASH4_VERSION})"
+        return (f"python package 'flash-attn-4' is not installed "
+                f"(flash-attn-4=={FLASH4_VERSION}: {GPU_EXTRA_HINT})")
     try:
         version = importlib.metadata.version("flash-attn-4")
     except importlib.metadata.PackageNotFoundError:
