@@ -323,15 +323,11 @@ def test_flash4_needs_sm90_and_the_pinned_package(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (10, 0))
     assert "SM100" in backend.flash4_unavailable_reason()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
-    real_find_spec = backend.importlib.util.find_spec
-    installed = {"flash_attn.cute": False}
-
-    def find_spec(name):
-        if name in installed:
-            return object() if installed[name] else None
-        return real_find_spec(name)
-
-    monkeypatch.setattr(backend.importlib.util, "find_spec", find_spec)
+    installed = {"cutlass": True, "quack": False, "flash_attn.cute": False}
+    monkeypatch.setattr(backend.importlib.util, "find_spec",
+                        lambda name: object() if installed[name] else None)
+    assert "'quack' is not installed" in backend.flash4_unavailable_reason()
+    installed["quack"] = True
     assert "'flash-attn-4' is not installed" in backend.flash4_unavailable_reason()
     installed["flash_attn.cute"] = True
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "4.0.0b35")

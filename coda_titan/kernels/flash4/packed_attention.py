@@ -36,7 +36,6 @@ import torch
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from torchtitan.models.llama3.model.model import Attention
 
-from ..cutedsl.gemm import unsupported_reason, warn_fallback
 from ..packed_attention import packed_attention as reference
 from ..packed_attention import split_heads
 
@@ -65,16 +64,32 @@ def _layout_reason(t: torch.Tensor) -> str | None:
 _warned: set[str] = set()
 
 
+def _warn_once(message: str) -> None:
+    """Silent while torch.compile traces: a warning would break fullgraph."""
+    if torch.compiler.is_compiling() or message in _warned:
+        return
+    _warned.add(message)
+    warnings.warn(f"coda_titan flash4 attention: {message}", stacklevel=3)
+
+
+def _unsupported_reason(qkv: list[torch.Tensor]) -> str | None:
+    """Why these tensors cannot go to the kernel at all, or None. (Its head dims
+    and TorchTitan's mask are checked at start-up: ``backend.resolve_attention``.)"""
+    for t in qkv:
+        if not t.is_cuda:
+            return "tensor not on a CUDA device"
+        if t.dtype != torch.bfloat16:
+            return f"dtype {t.dtype} (the kernels take bfloat16)"
+    return None
+
+
 def _in_kernel_layout(qkv: list[torch.Tensor], n_heads: int) -> list[torch.Tensor]:
     """``qkv`` as it is, or, where a head range is not in the kernel's layout,
     copied to fresh contiguous tensors (warning once per reason)."""
     reason = next(filter(None, map(_layout_reason, split_heads(qkv, n_heads))), None)
     if reason is None:
         return qkv
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"coda_titan flash4 attention: QKV copied to a contiguous tensor ({reason})",
-                      stacklevel=2)
+    _warn_once(f"QKV copied to a contiguous tensor ({reason})")
     return [t.clone(memory_format=torch.contiguous_format) for t in qkv]
 
 
@@ -150,9 +165,9 @@ def packed_attention(
     arguments and (B, S, Hq * D) result; inputs the kernel cannot take (not CUDA,
     not bf16) run the reference, with a one-time warning."""
     assert attention_masks is None, "flash4 computes TorchTitan's causal 'sdpa' attention"
-    reason = unsupported_reason(*qkv)
+    reason = _unsupported_reason(qkv)
     if reason is not None:
-        warn_fallback("packed_attention", reason)
+        _warn_once(f"kernel skipped ({reason}); running TorchTitan's SDPA")
         return reference(attention, qkv, attention_masks)
     out, _ = flash4_attention(qkv, attention.n_heads)
     return out.flatten(2)
