@@ -169,6 +169,7 @@ def convert_model(model: nn.Module, coda: Coda, backend: str, attention: str | N
         model.norm.__class__ = DeferredRMSNorm
         model.output.__class__ = FusedLMHead
         model.output.backend = backend
+        model.output.strict = coda.backend == "cutedsl"
         model.output.chunk_tokens = coda.loss_chunk_tokens
     on = [name for name in ("norm_qkv_rope", "wo_residual", "norm_swiglu_mlp", "norm_output_loss")
           if getattr(coda, f"fuse_{name}")]

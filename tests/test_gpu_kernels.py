@@ -7,12 +7,17 @@ Outputs are allocated from memory poisoned with NaN, so an unwritten element
 fails the test.
 """
 
-import warnings
+import copy
+import logging
 
 import pytest
 import torch
+from torchtitan.models.llama3.model.args import TransformerModelArgs
+from torchtitan.models.llama3.model.model import TransformerBlock, precompute_freqs_cis
 
-from coda_titan.kernels import REFERENCE
+from coda_titan.config import Coda
+from coda_titan.kernels import REFERENCE, fallback, ops_for
+from coda_titan.layers import CodaTransformerBlock
 
 from .conftest import rel_err
 
@@ -107,7 +112,6 @@ def test_linear_residual_sumsq_kernel(m, d, k):
 @pytest.mark.parametrize("batch,seqlen,d,hq,hkv", [(1, 1531, 256, 4, 2), (2, 2048, 2048, 32, 8),
                                                    (1, 2053, 4096, 32, 8)])
 def test_rmsnorm_qkv_rope_kernel(batch, seqlen, d, hq, hkv):
-    from torchtitan.models.llama3.model.model import precompute_freqs_cis
 
     from coda_titan.kernels import token_positions
 
@@ -155,12 +159,7 @@ def test_converted_1b_block_matches_reference_path():
     """A LLaMA-3 1B block (dims of the 1B flavor) converted with the cutedsl backend
     (and flash4 attention where installed) against the same block on the reference
     backend with TorchTitan's SDPA, forward and backward, bf16."""
-    import copy
 
-    from torchtitan.models.llama3.model.model import TransformerBlock, precompute_freqs_cis
-
-    from coda_titan.config import Coda
-    from coda_titan.layers import CodaTransformerBlock
     from coda_titan.train_spec import coda_llama3_args
 
     torch.manual_seed(11)
@@ -192,14 +191,9 @@ def test_converted_block_compiles_fullgraph_like_torchtitan():
     trace without graph breaks and match eager, and under AC recompute only
     what the backward reads: wo + residual, but not w2 + residual (whose
     output the backward never reads), as for TorchTitan's own block."""
-    import copy
-
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.profiler import ProfilerActivity, profile
-    from torchtitan.models.llama3.model.model import TransformerBlock, precompute_freqs_cis
 
-    from coda_titan.config import Coda
-    from coda_titan.layers import CodaTransformerBlock
     from coda_titan.train_spec import coda_llama3_args
 
     torch.manual_seed(12)
@@ -254,17 +248,42 @@ def test_offset_views_are_aligned_or_fall_back():
     assert rel_err(h, REFERENCE.linear_residual_sumsq(x, x, w_o)[0]) < 1e-2
 
 
-def test_unsupported_inputs_fall_back_with_warning():
-
+def test_unsupported_inputs_fall_back_once_or_fail_when_strict(caplog):
+    fallback._reported.clear()
     x = torch.randn(64, 36, device="cuda")  # fp32 and 36 % 8 != 0
     o = torch.randn(64, 36, device="cuda")
     w = torch.randn(36, 36, device="cuda")
-    with pytest.warns(UserWarning, match="dtype torch.float32"):
-        h, sumsq = OPS.linear_residual_sumsq(x, o, w)
+    h, sumsq = OPS.linear_residual_sumsq(x, o, w)
+    assert "CODA linear_residual_sumsq: kernel skipped (dtype torch.float32" in caplog.text
     ref_h, ref_sumsq = REFERENCE.linear_residual_sumsq(x, o, w)
     assert torch.equal(h, ref_h) and torch.equal(sumsq, ref_sumsq)
     xb, ob, wb = (t.to(torch.bfloat16) for t in (x, o, w))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        OPS.linear_residual_sumsq(xb, ob, wb)
-    assert any("not a multiple of 8" in str(c.message) for c in caught)
+    OPS.linear_residual_sumsq(xb, ob, wb)
+    assert "(dimension 36 not a multiple of 8)" in caplog.text
+    with pytest.raises(RuntimeError, match="dimension 36 not a multiple of 8"):
+        ops_for("cutedsl", strict=True).linear_residual_sumsq(xb, ob, wb)
+
+
+def test_compiled_block_with_an_odd_dim_falls_back_once_per_op(caplog):
+    """dim 260 (heads of 130): no kernel can take it; the compiled block runs the
+    reference and the log names each op and the reason exactly once."""
+    fallback._reported.clear()
+    caplog.set_level(logging.WARNING)
+    args = TransformerModelArgs(dim=260, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64,
+                                multiple_of=32)
+    torch.manual_seed(3)
+    ref = TransformerBlock(0, args).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if p.dim() == 1 else 0.0))
+    fused = CodaTransformerBlock.convert(copy.deepcopy(ref), Coda(), "cutedsl", "sdpa")
+    compiled = torch.compile(fused, fullgraph=True)
+    freqs = precompute_freqs_cis(130, 64, 10000.0).to("cuda")
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = torch.randn(2, 33, 260, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(compiled(x, freqs, None), ref(x, freqs, None)) < 1e-2
+    lines = [r.getMessage() for r in caplog.records if "kernel skipped" in r.getMessage()]
+    assert sorted(lines) == [
+        f"CODA {op}: kernel skipped (dimension 260 not a multiple of 8); running the PyTorch "
+        "reference" for op in ("linear_residual_sumsq", "rmsnorm_qkv_rope", "rmsnorm_swiglu_mlp")]

@@ -6,6 +6,7 @@ reference is also the CPU fallback. The attention core is chosen on its own
 (``[coda] attention``): ``attention_for(kernel)``.
 """
 
+from functools import partial
 from types import SimpleNamespace
 
 from .linear_residual_sumsq import linear_residual_sumsq
@@ -33,24 +34,30 @@ REFERENCE = SimpleNamespace(
 )
 
 
-def ops_for(backend: str) -> SimpleNamespace:
-    """The op implementations for a resolved backend (``reference`` or ``cutedsl``)."""
+def ops_for(backend: str, strict: bool = False) -> SimpleNamespace:
+    """The op implementations for a resolved backend (``reference`` or ``cutedsl``).
+    ``strict``: a kernel op that cannot take its inputs raises instead of running
+    the reference (``backend = "cutedsl"`` was asked for)."""
     if backend == "reference":
         return REFERENCE
     if backend == "cutedsl":
         from . import cutedsl
 
-        return cutedsl.OPS
+        if not strict:
+            return cutedsl.OPS
+        return SimpleNamespace(**{name: partial(op, strict=True)
+                                  for name, op in vars(cutedsl.OPS).items()})
     raise ValueError(f"unknown CODA backend {backend!r}; expected 'reference' or 'cutedsl'")
 
 
-def attention_for(kernel: str):
+def attention_for(kernel: str, strict: bool = False):
     """The attention core for a resolved ``[coda] attention`` (``sdpa`` or ``flash4``):
-    ``f(attention, qkv, attention_masks) -> (B, S, Hq * D)`` (``packed_attention``)."""
+    ``f(attention, qkv, attention_masks) -> (B, S, Hq * D)`` (``packed_attention``).
+    ``strict``: flash4 raises on inputs it cannot take (``attention = "flash4"``)."""
     if kernel == "sdpa":
         return packed_attention
     if kernel == "flash4":
         from .flash4 import packed_attention as flash4
 
-        return flash4.packed_attention
+        return partial(flash4.packed_attention, strict=strict)
     raise ValueError(f"unknown CODA attention {kernel!r}; expected 'sdpa' or 'flash4'")

@@ -40,7 +40,8 @@ def split_heads(
     if len(qkv) == 3:
         return tuple(qkv)
     (packed,) = qkv
-    n_kv_heads, odd = divmod(packed.shape[2] - n_heads, 2)
+    # // and %, not divmod: under torch.compile with dynamic shapes these are SymInts.
+    n_kv_heads, odd = (packed.shape[2] - n_heads) // 2, (packed.shape[2] - n_heads) % 2
     if odd or n_kv_heads < 1:
         raise ValueError(
             f"a packed QKV of {packed.shape[2]} heads does not hold {n_heads} query heads "

@@ -53,8 +53,8 @@ class CodaTransformerBlock(TransformerBlock):
         )
 
     def forward(self, x, freqs_cis, attention_masks, positions=None):
-        ops = ops_for(self.backend)
         coda, attention = self.coda, self.attention
+        ops = ops_for(self.backend, strict=coda.backend == "cutedsl")
         bs, seqlen, dim = x.shape
         x2d = x.reshape(-1, dim)
         head_dim = attention.head_dim
@@ -77,7 +77,8 @@ class CodaTransformerBlock(TransformerBlock):
                 for w in (attention.wq, attention.wk, attention.wv)
             )
             heads = [*apply_rotary_emb(xq, xk, freqs_cis=freqs_cis, positions=positions), xv]
-        attn = attention_for(self.attention_kernel)(attention, heads, attention_masks)
+        attend = attention_for(self.attention_kernel, strict=coda.attention == "flash4")
+        attn = attend(attention, heads, attention_masks)
 
         if coda.fuse_wo_residual:
             (wo,) = compute_weights(x, attention.wo.weight)

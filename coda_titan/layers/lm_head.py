@@ -31,6 +31,8 @@ class LMHeadInput:
     weight: torch.Tensor | None = None
     """Output projection (vocab, dim); None until the output layer has run."""
     backend: str = "reference"
+    strict: bool = False
+    """The kernels were insisted on (``backend = "cutedsl"``): no reference fallback."""
     chunk_tokens: int = 1024
 
     def loss(self, labels: torch.Tensor) -> torch.Tensor:
@@ -38,7 +40,7 @@ class LMHeadInput:
         dim = self.hidden.shape[-1]
         (weight,) = compute_weights(self.hidden, self.weight)
         with outside_autocast(self.hidden):
-            return ops_for(self.backend).rmsnorm_linear_cross_entropy(
+            return ops_for(self.backend, self.strict).rmsnorm_linear_cross_entropy(
                 self.hidden.reshape(-1, dim), self.norm_weight, weight,
                 labels.reshape(-1), self.eps, self.chunk_tokens,
             )
@@ -62,6 +64,7 @@ class FusedLMHead(nn.Linear):
     """``nn.Linear`` output layer that completes an ``LMHeadInput`` instead of projecting."""
 
     backend: str = "reference"
+    strict: bool = False
     chunk_tokens: int = 1024
 
     def forward(self, pending: LMHeadInput) -> LMHeadInput:
@@ -70,9 +73,8 @@ class FusedLMHead(nn.Linear):
                 "FusedLMHead expects the output of DeferredRMSNorm; convert `norm` "
                 "and `output` together (coda_titan converter, fuse_norm_output_loss)"
             )
-        return replace(
-            pending, weight=self.weight, backend=self.backend, chunk_tokens=self.chunk_tokens
-        )
+        return replace(pending, weight=self.weight, backend=self.backend, strict=self.strict,
+                       chunk_tokens=self.chunk_tokens)
 
 
 class RMSNormLinearCrossEntropyLoss(nn.Module):
@@ -89,6 +91,7 @@ class RMSNormLinearCrossEntropyLoss(nn.Module):
         self.norm = DeferredRMSNorm(dim, eps=eps)
         self.output = FusedLMHead(dim, vocab_size, bias=False)
         self.output.backend = resolve_backend(backend)
+        self.output.strict = backend == "cutedsl"
         self.output.chunk_tokens = chunk_tokens
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

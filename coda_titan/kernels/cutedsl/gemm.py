@@ -4,11 +4,9 @@ Every kernel is a quack SM90 GEMM (WGMMA + TMA, persistent) with one of our
 epilogues, called with a fixed tile configuration (no autotuning on the
 training path). Inputs a kernel cannot take (not CUDA, not bf16, not
 contiguous, a dimension not a multiple of 8) fall back to the PyTorch
-reference with a one-time warning naming the reason, never a CUTLASS error;
-operands at an unaligned offset are copied inside the op.
+reference, reported once with the reason (``..fallback``), never a CUTLASS
+error; operands at an unaligned offset are copied inside the op.
 """
-
-import warnings
 
 import torch
 
@@ -147,16 +145,3 @@ def aligned(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     require: a copy only for a view at an odd offset (``tokens[:, 1:]``).
     Called inside the custom ops, where data pointers exist (not while tracing)."""
     return [t if t is None or t.data_ptr() % 32 == 0 else t.clone() for t in tensors]
-
-
-_warned: set[tuple[str, str]] = set()
-
-
-def warn_fallback(op: str, reason: str) -> None:
-    """Warn once per (op, reason). Silent while torch.compile traces: the same
-    call warns on its first eager run, and a warning would break fullgraph."""
-    if torch.compiler.is_compiling() or (op, reason) in _warned:
-        return
-    _warned.add((op, reason))
-    warnings.warn(f"coda_titan {op}: CuTe DSL kernel skipped ({reason}); using the PyTorch reference",
-                  stacklevel=3)

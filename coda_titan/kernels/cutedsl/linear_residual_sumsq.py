@@ -11,8 +11,9 @@ import torch
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.ops import ColVecReduce
 
+from ..fallback import report_fallback
 from ..linear_residual_sumsq import linear_residual_sumsq as reference
-from .gemm import TILES, aligned, tile_partials, unsupported_reason, warn_fallback
+from .gemm import TILES, aligned, tile_partials, unsupported_reason
 
 
 @gemm_epilogue(reduces={"sumsq": ColVecReduce("sumsq", scaled=True)})
@@ -61,9 +62,9 @@ def _backward(ctx, dh, _dsumsq):
 linear_residual_sumsq_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_residual_sumsq(x, o, weight):
+def linear_residual_sumsq(x, o, weight, *, strict=False):
     reason = unsupported_reason(x, o, weights=(weight,))
     if reason is not None:
-        warn_fallback("linear_residual_sumsq", reason)
+        report_fallback("linear_residual_sumsq", reason, strict)
         return reference(x, o, weight)
     return linear_residual_sumsq_fwd(x, o, weight)

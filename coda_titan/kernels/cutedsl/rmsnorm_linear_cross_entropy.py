@@ -27,12 +27,12 @@ from quack.epilogue import gemm_epilogue
 from quack.epilogue.library import identity_epi
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, ColVecSelect, OnlineLSEReduce
 
+from ..fallback import report_fallback
 from ..rmsnorm_linear_cross_entropy import (
     IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
 from .gemm import (
-    TILES, aligned, fold_weight, tile_partials, unfold_grads, unsupported_reason,
-    warn_fallback)
+    TILES, aligned, fold_weight, tile_partials, unfold_grads, unsupported_reason)
 from .row_kernels import row_rstd
 
 CFG_LOGITS = TILES["logits"]
@@ -146,12 +146,13 @@ class RMSNormLinearCrossEntropyKernel(RMSNormLinearCrossEntropy):
         return loss
 
 
-def rmsnorm_linear_cross_entropy(h, norm_weight, weight, labels, eps, chunk_tokens=1024):
+def rmsnorm_linear_cross_entropy(h, norm_weight, weight, labels, eps, chunk_tokens=1024, *,
+                                 strict=False):
     reason = unsupported_reason(h, weights=(weight,), any_rows=True)
     if reason is None and chunk_tokens % 8 != 0:
         reason = f"chunk_tokens {chunk_tokens} not a multiple of 8"
     if reason is not None:
-        warn_fallback("rmsnorm_linear_cross_entropy", reason)
+        report_fallback("rmsnorm_linear_cross_entropy", reason, strict)
         return reference(h, norm_weight, weight, labels, eps, chunk_tokens)
     check_labels(labels, weight.shape[0])
     return RMSNormLinearCrossEntropyKernel.apply(h, norm_weight, weight, labels, eps, chunk_tokens,

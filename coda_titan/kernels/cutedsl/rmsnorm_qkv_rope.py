@@ -32,8 +32,9 @@ from quack.epilogue.rotary import _angle_turns, _sincos_turns, make_interleaved_
 from quack.reduce import row_reduce
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from ..fallback import report_fallback
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
-from .gemm import TILES, aligned, fold_weight, unfold_grads, unsupported_reason, warn_fallback
+from .gemm import TILES, aligned, fold_weight, unfold_grads, unsupported_reason
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, row_rstd, vector
 
@@ -201,10 +202,10 @@ def _backward(ctx, dqkv, _drstd):
 rmsnorm_qkv_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
+def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, *, strict=False):
     reason = unsupported_reason(x, weights=(wq, wk, wv))
     if reason is not None:
-        warn_fallback("rmsnorm_qkv_rope", reason)
+        report_fallback("rmsnorm_qkv_rope", reason, strict)
         return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
     qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
     return qkv

@@ -32,11 +32,11 @@ from quack.epilogue import gemm_epilogue
 from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, ColVecReduce
 
+from ..fallback import report_fallback
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from .gemm import (
-    TILES, aligned, fold_weight, tile_partials, unfold_grads, unsupported_reason,
-    warn_fallback)
+    TILES, aligned, fold_weight, tile_partials, unfold_grads, unsupported_reason)
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
@@ -157,10 +157,10 @@ def _backward(ctx, dout):
 swiglu_down_residual.register_autograd(_backward, setup_context=_setup_context)
 
 
-def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None):
+def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None, *, strict=False):
     reason = unsupported_reason(h, weights=(w1, w3, w2))
     if reason is not None:
-        warn_fallback("rmsnorm_swiglu_mlp", reason)
+        report_fallback("rmsnorm_swiglu_mlp", reason, strict)
         return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq)
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)

@@ -36,6 +36,7 @@ import torch
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from torchtitan.models.llama3.model.model import Attention
 
+from ..fallback import report_fallback
 from ..packed_attention import packed_attention as reference
 from ..packed_attention import split_heads
 
@@ -65,8 +66,8 @@ _warned: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
-    """Silent while torch.compile traces: a warning would break fullgraph."""
-    if torch.compiler.is_compiling() or message in _warned:
+    """Called inside the custom op, which runs eagerly also under torch.compile."""
+    if message in _warned:
         return
     _warned.add(message)
     warnings.warn(f"coda_titan flash4 attention: {message}", stacklevel=3)
@@ -159,15 +160,15 @@ _op_sac_save_list.add(torch.ops.coda.flash4_attention.default)
 
 
 def packed_attention(
-    attention: Attention, qkv: list[torch.Tensor], attention_masks
+    attention: Attention, qkv: list[torch.Tensor], attention_masks, *, strict: bool = False
 ) -> torch.Tensor:
     """flash4 in place of ``..packed_attention`` (TorchTitan's causal SDPA), same
     arguments and (B, S, Hq * D) result; inputs the kernel cannot take (not CUDA,
-    not bf16) run the reference, with a one-time warning."""
+    not bf16) run the reference, reported once (``..fallback``), or raise if ``strict``."""
     assert attention_masks is None, "flash4 computes TorchTitan's causal 'sdpa' attention"
     reason = _unsupported_reason(qkv)
     if reason is not None:
-        _warn_once(f"kernel skipped ({reason}); running TorchTitan's SDPA")
+        report_fallback("flash4 attention", reason, strict)
         return reference(attention, qkv, attention_masks)
     out, _ = flash4_attention(qkv, attention.n_heads)
     return out.flatten(2)

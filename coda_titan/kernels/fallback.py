@@ -1,0 +1,31 @@
+"""Saying so when a fused op runs the PyTorch reference instead of its kernel.
+
+An op whose inputs its kernel cannot take (a dimension not a multiple of 8, a
+float32 tensor, ...) runs the reference: the run's log says so once per op and
+reason, and where the user insisted on the kernels (``backend = "cutedsl"``,
+``attention = "flash4"``) the op fails with the reason instead. The choice is
+made in the layer's forward, which torch.compile traces, and a compiled graph
+keeps no Python side effects such as logging; Dynamo therefore runs
+``report_fallback`` itself while it traces (as a function whose result is a
+constant), so a compiled run reports, or fails, at its first call as an eager
+one does.
+"""
+
+import torch
+from torchtitan.tools.logging import logger
+
+_reported: set[tuple[str, str]] = set()
+
+
+@torch._dynamo.assume_constant_result
+def report_fallback(op: str, reason: str, strict: bool) -> None:
+    """Log once that ``op`` ran the reference because of ``reason``; raise if ``strict``."""
+    if strict:
+        raise RuntimeError(f"CODA {op}: the kernel cannot run these inputs ({reason}), and the "
+                           f"config insists on it; fix the inputs, or set 'auto' to run the "
+                           f"reference instead")
+    if (op, reason) in _reported:
+        return
+    _reported.add((op, reason))
+    logger.warning(f"CODA {op}: kernel skipped ({reason}); running the PyTorch reference")
+
