@@ -266,7 +266,8 @@ def test_unsupported_inputs_fall_back_once_or_fail_when_strict(caplog):
 
 def test_compiled_block_with_an_odd_dim_falls_back_once_per_op(caplog):
     """dim 260 (heads of 130): no kernel can take it; the compiled block runs the
-    reference and the log names each op and the reason exactly once."""
+    reference and the log names each op and the reason exactly once; with
+    ``backend = "cutedsl"`` it fails with the reason instead."""
     fallback._reported.clear()
     caplog.set_level(logging.WARNING)
     args = TransformerModelArgs(dim=260, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64,
@@ -287,3 +288,7 @@ def test_compiled_block_with_an_odd_dim_falls_back_once_per_op(caplog):
     assert sorted(lines) == [
         f"CODA {op}: kernel skipped (dimension 260 not a multiple of 8); running the PyTorch "
         "reference" for op in ("linear_residual_sumsq", "rmsnorm_qkv_rope", "rmsnorm_swiglu_mlp")]
+    strict = CodaTransformerBlock.convert(copy.deepcopy(ref), Coda(backend="cutedsl"), "cutedsl",
+                                          "sdpa")
+    with pytest.raises(RuntimeError, match=r"rmsnorm_qkv_rope: .*dimension 260 not a multiple"):
+        torch.compile(strict, fullgraph=True)(x, freqs, None)

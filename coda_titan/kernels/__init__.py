@@ -43,10 +43,7 @@ def ops_for(backend: str, strict: bool = False) -> SimpleNamespace:
     if backend == "cutedsl":
         from . import cutedsl
 
-        if not strict:
-            return cutedsl.OPS
-        return SimpleNamespace(**{name: partial(op, strict=True)
-                                  for name, op in vars(cutedsl.OPS).items()})
+        return cutedsl.STRICT_OPS if strict else cutedsl.OPS
     raise ValueError(f"unknown CODA backend {backend!r}; expected 'reference' or 'cutedsl'")
 
 

@@ -3,6 +3,7 @@ our epilogues (``@gemm_epilogue``), bf16. Imported only when the ``cutedsl``
 backend runs.
 """
 
+from functools import partial
 from types import SimpleNamespace
 
 from .linear_residual_sumsq import linear_residual_sumsq
@@ -16,3 +17,6 @@ OPS = SimpleNamespace(
     rmsnorm_swiglu_mlp=rmsnorm_swiglu_mlp,
     rmsnorm_linear_cross_entropy=rmsnorm_linear_cross_entropy,
 )
+
+# The same ops raising where they would run the reference (``backend = "cutedsl"``).
+STRICT_OPS = SimpleNamespace(**{name: partial(op, strict=True) for name, op in vars(OPS).items()})
