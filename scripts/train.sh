@@ -35,23 +35,28 @@ config="$(realpath "$1")"
 shift
 cd "$repo"
 
-# The dump folder as TorchTitan resolves it: command line over TOML over its default.
+# The dump folder as TorchTitan resolves it (command line over TOML over its
+# default), for the console log; none for --help, which trains nothing.
 dump_folder="$(python3 - "$config" "$@" <<'EOF'
 import sys
 import tomllib
 
-args = sys.argv[2:]
-for i, arg in enumerate(args):
-    key, eq, value = arg.partition("=")
-    if key in ("--job.dump_folder", "--job.dump-folder"):
-        print(value if eq else args[i + 1] if i + 1 < len(args) else "")
-        break
-else:
+
+def dump_folder(config, args):
+    if "-h" in args or "--help" in args:
+        return ""
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in ("--job.dump_folder", "--job.dump-folder"):
+            return value if eq else args[i + 1] if i + 1 < len(args) else ""
     try:
-        with open(sys.argv[1], "rb") as f:
-            print(tomllib.load(f).get("job", {}).get("dump_folder", "./torchtitan/outputs"))
+        with open(config, "rb") as f:
+            return tomllib.load(f).get("job", {}).get("dump_folder", "./torchtitan/outputs")
     except tomllib.TOMLDecodeError:
-        print("")  # coda_titan.train reports the TOML error
+        return ""  # coda_titan.train reports the TOML error
+
+
+print(dump_folder(sys.argv[1], sys.argv[2:]))
 EOF
 )"
 log=/dev/null

@@ -51,6 +51,7 @@ def launches(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("launch")
     cases = {
         "help": ("--help",),
+        "config_help": (DEBUG_CODA, "--help", f"--job.dump_folder={tmp / 'f'}"),
         "no_args": (),
         "missing_config": ("configs/llama3_debug_coda_typo.toml",),
         "no_config_module": (without_config_module(tmp), f"--job.dump_folder={tmp / 'a'}"),
@@ -64,7 +65,7 @@ def launches(tmp_path_factory):
             launch, DEBUG_CODA, "--training.seq_len=131073", f"--job.dump_folder={tmp / 'e'}",
             NGPU="2")
         results = {name: future.result() for name, future in futures.items()}
-    results["dump_folder"] = tmp / "d"
+    results["tmp"] = tmp
     return results
 
 
@@ -83,6 +84,15 @@ def test_help_prints_usage_and_the_coda_options(launches):
                    "--coda.no-fuse-wo-residual"):
         assert option in run["stdout"]
     assert "scripts/train.sh CONFIG.toml --help" in run["stdout"]
+
+
+def test_help_after_a_config_lists_every_option_and_keeps_the_last_log(launches):
+    run = launches["config_help"]
+    assert run["returncode"] == 0, run["stderr"][-3000:]
+    assert run["lines"][0] == "usage: scripts/train.sh CONFIG.toml [-h] [OPTIONS]"
+    for option in ("--training.seq-len", "--job.dump-folder", "--coda.backend"):
+        assert option in run["stdout"]
+    assert not (launches["tmp"] / "f/train.log").exists()
 
 
 def test_no_arguments_print_the_usage_at_once(launches):
@@ -124,7 +134,7 @@ def test_failure_after_start_up_ends_with_the_root_error_line(launches):
     expected = "error: RuntimeError: [coda] backend = 'cutedsl' cannot run here: no CUDA device"
     assert run["lines"][-1] == expected
     assert "Traceback (most recent call last):" in run["stdout"]
-    log = (launches["dump_folder"] / "train.log").read_text().splitlines()
+    log = (launches["tmp"] / "d/train.log").read_text().splitlines()
     assert log[-1] == expected
 
 
