@@ -27,18 +27,13 @@ from tensorboard.util.tensor_util import make_ndarray
 from coda_titan import cpu_support
 from coda_titan.wandb_run import read_wandb_history
 
+from .test_readme import bash_blocks
+
 REPO = Path(__file__).parent.parent
-README = (REPO / "README.md").read_text()
 LOSS = "loss_metrics/global_avg_loss"
 STEPS = 10  # the debug configs'
 ARMS = ("baseline", "coda")
 TOLERANCE = 1e-2 if cpu_support.has_native_bf16() else 1e-4
-
-
-def readme_commands(marker: str) -> list[str]:
-    """The commands of README.md's bash block that contains ``marker``."""
-    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", README, re.S) if marker in b]
-    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
 
 
 def user_env() -> dict:
@@ -75,7 +70,9 @@ def trainings(tmp_path_factory):
     shutil.copytree(REPO, root, ignore=shutil.ignore_patterns(
         ".git", ".venv", "outputs", "wandb", "__pycache__", "*.egg-info", ".pytest_cache"))
     readme = []
-    for command in readme_commands("configs/llama3_debug_baseline.toml"):
+    (commands,) = [block for block in bash_blocks()
+                   if "scripts/train.sh configs/llama3_debug_coda.toml" in block]
+    for command in commands:
         start = time.monotonic()
         result = subprocess.run(["bash", "-c", command], cwd=root, env=user_env(),
                                 capture_output=True, text=True, timeout=600)
@@ -104,7 +101,7 @@ def test_readme_ab_commands_succeed(readme_ab):
     assert [r["command"].split()[0] for r in runs] == [
         "scripts/train.sh", "scripts/train.sh", "python"]
     for run in runs:
-        assert run["returncode"] == 0, (run["command"], run["stdout"][-3000:] + run["stderr"][-3000:])
+        assert run["returncode"] == 0, (run["command"], run["stdout"][-3000:] + run["stderr"])
 
 
 def test_both_arms_train_with_matching_losses(readme_ab):
