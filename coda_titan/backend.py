@@ -16,6 +16,7 @@ saying which and why; ``flash4`` insists, ``sdpa`` never tries.
 
 import importlib.metadata
 import importlib.util
+import logging
 
 import torch
 from torchtitan.tools.logging import logger
@@ -45,26 +46,42 @@ def cutedsl_unavailable_reason() -> str | None:
     return None
 
 
+def fallback_level() -> int:
+    """How ``auto`` reports taking the plain path: a warning where a GPU is there to
+    lose speed on; information on a machine without one, where it is the only path."""
+    return logging.WARNING if torch.cuda.is_available() else logging.INFO
+
+
+def _resolve(key: str, requested: str, allowed: tuple[str, ...], kernel: str, plain: str,
+             why_not, kernel_note: str, plain_note: str) -> str:
+    """``requested`` (``auto``, ``kernel`` or ``plain``) to what will run, logged in one
+    line: ``plain`` as configured; ``kernel`` when ``why_not()`` gives no reason;
+    else ``auto`` falls back with the reason (``fallback_level``) and ``kernel`` raises it."""
+    if requested not in allowed:
+        raise ValueError(
+            f"[coda] {key} = {requested!r} is not valid; allowed values: {', '.join(allowed)}"
+        )
+    if requested == plain:
+        logger.info(f"CODA {key}: {plain} ({plain_note}), as configured")
+        return plain
+    reason = why_not()
+    if reason is None:
+        logger.info(f"CODA {key}: {kernel} ({kernel_note})")
+        return kernel
+    if requested == kernel:
+        raise RuntimeError(f"[coda] {key} = '{kernel}' cannot run here: {reason}")
+    logger.log(fallback_level(), f"CODA {key}: {plain} ({plain_note}) because {reason}")
+    return plain
+
+
 def resolve_backend(requested: str, blocker: str | None = None) -> str:
     """Map ``auto | cutedsl | reference`` to the backend that will run.
 
     ``blocker`` is a reason of the caller's why the kernels cannot serve this
     run even where they can run (e.g. float32 activations)."""
-    if requested not in BACKENDS:
-        raise ValueError(
-            f"[coda] backend = {requested!r} is not valid; allowed values: {', '.join(BACKENDS)}"
-        )
-    if requested == "reference":
-        logger.info("CODA backend: reference (PyTorch), as configured")
-        return "reference"
-    reason = cutedsl_unavailable_reason() or blocker
-    if reason is None:
-        logger.info("CODA backend: cutedsl (CuTe DSL GEMM-epilogue kernels)")
-        return "cutedsl"
-    if requested == "cutedsl":
-        raise RuntimeError(f"[coda] backend = 'cutedsl' cannot run here: {reason}")
-    logger.info("CODA backend: reference (PyTorch) because %s", reason)
-    return "reference"
+    return _resolve("backend", requested, BACKENDS, "cutedsl", "reference",
+                    lambda: cutedsl_unavailable_reason() or blocker,
+                    "CuTe DSL GEMM-epilogue kernels", "PyTorch")
 
 
 def flash4_unavailable_reason() -> str | None:
@@ -109,19 +126,8 @@ def resolve_attention(
 
     ``blocker`` is the caller's reason why the kernel cannot serve this run
     even where it can run (e.g. float32 activations)."""
-    if requested not in ATTENTIONS:
-        raise ValueError(
-            f"[coda] attention = {requested!r} is not valid; allowed values: {', '.join(ATTENTIONS)}"
-        )
-    if requested == "sdpa":
-        logger.info("CODA attention: sdpa (TorchTitan's), as configured")
-        return "sdpa"
-    reason = flash4_unavailable_reason() or flash4_shape_reason(head_dim, attn_type) or blocker
-    if reason is None:
-        logger.info("CODA attention: flash4 (flash-attn-4 %s on SM90, head_dim %d: reads the "
-                    "packed QKV, writes one dQKV)", FLASH4_VERSION, head_dim)
-        return "flash4"
-    if requested == "flash4":
-        raise RuntimeError(f"[coda] attention = 'flash4' cannot run here: {reason}")
-    logger.warning("CODA attention: sdpa because %s", reason)
-    return "sdpa"
+    return _resolve(
+        "attention", requested, ATTENTIONS, "flash4", "sdpa",
+        lambda: flash4_unavailable_reason() or flash4_shape_reason(head_dim, attn_type) or blocker,
+        f"flash-attn-4 {FLASH4_VERSION} on SM90, head_dim {head_dim}: reads the packed QKV, "
+        f"writes one dQKV", "TorchTitan's")

@@ -70,7 +70,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LOG_LINE = re.compile(
     r"(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*step:\s*(?P<step>\d+)\s+"
     r"loss:\s*(?P<loss>-?(?:[\d.]+|nan|inf))\s.*memory:\s*(?P<mem>[\d.]+)GiB"
-    r".*tps:\s*(?P<tps>[\d,]+).*mfu:\s*(?P<mfu>[\d.]+)%")
+    # CPU runs print no MFU (coda_titan leaves it out there).
+    r".*tps:\s*(?P<tps>[\d,]+)(?:.*mfu:\s*(?P<mfu>[\d.]+)%)?")
 
 
 class RunError(Exception):
@@ -100,7 +101,9 @@ def read_console_log(path: Path) -> tuple[None, dict[int, dict]]:
         step = int(match["step"])
         time = datetime.strptime(match["time"], "%Y-%m-%d %H:%M:%S,%f")
         row = {LOSS: float(match["loss"]), TPS: float(match["tps"].replace(",", "")),
-               MFU: float(match["mfu"]), PEAK_RESERVED: float(match["mem"])}
+               PEAK_RESERVED: float(match["mem"])}
+        if match["mfu"] is not None:
+            row[MFU] = float(match["mfu"])
         if last is not None and step > last[0]:
             row[STEP_TIME] = (time - last[1]).total_seconds() / (step - last[0])
         steps[step] = row
@@ -350,6 +353,8 @@ def speed_table(records: list[dict], reference: str) -> list[str]:
             ("median MFU (%)", lambda r: f"{r['mfu']:.2f}"),
             ("peak memory (GiB)", lambda r: f"{r['peak_gib']:.2f} ({r['peak_kind']})"),
             (f"speedup over {reference} (tokens/s)", lambda r: f"**{r['speedup']:.3f}x**")]
+    if all(math.isnan(r["mfu"]) for r in records):  # CPU runs log no MFU
+        del rows[2]
     lines = ["| | " + " | ".join(r["arm"] for r in records) + " |",
              "|---" * (len(records) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(cell(r) for r in records) + " |" for label, cell in rows]
@@ -473,6 +478,17 @@ def compare(args, runs: list[Run], entries: list[dict]) -> tuple[dict, Arm | Non
     return result, noise, candidates
 
 
+def json_safe(value):
+    """``value`` with NaN and infinities as null (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     runs, entries = load_runs(args)
@@ -481,7 +497,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = report(result)
-    (out / "comparison.json").write_text(json.dumps(result, indent=1))
+    (out / "comparison.json").write_text(json.dumps(json_safe(result), indent=1))
     (out / "comparison.md").write_text(
         "\n".join(["## Runs", "", *run_lines(entries), "", *lines]) + "\n")
     fig = figure(runs[0], noise, candidates, args.max_window_diff)

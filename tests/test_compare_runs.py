@@ -2,6 +2,7 @@
 TensorBoard events of a known loss curve with planted noise and bias."""
 
 import importlib.util
+import json
 import math
 import os
 import random
@@ -35,8 +36,9 @@ def synthetic_losses(seed, steps=STEPS, sigma=SIGMA, bias_from=None, bias=0.05):
     }
 
 
-def write_log(path: Path, losses: dict, tps=50_000, step_s=0.3) -> Path:
-    """TorchTitan's console lines, colour codes and all, one per step."""
+def write_log(path: Path, losses: dict, tps=50_000, step_s=0.3, mfu=True) -> Path:
+    """TorchTitan's console lines, colour codes and all, one per step (CPU runs
+    print no MFU: ``mfu=False``)."""
     start = datetime(2026, 1, 1)
     lines = ["[titan] 2026-01-01 00:00:00,000 - root - INFO - Training starts at step 1."]
     for step, loss in sorted(losses.items()):
@@ -44,7 +46,8 @@ def write_log(path: Path, losses: dict, tps=50_000, step_s=0.3) -> Path:
         lines.append(
             f"[titan] {time} - root - INFO - \x1b[31mstep: {step:2}  \x1b[32mloss: {loss:8.5f}  "
             f"\x1b[33mgrad_norm:  1.0000  \x1b[36mmemory: 30.00GiB(37.50%)  "
-            f"\x1b[34mtps: {round(tps):,}  \x1b[36mtflops: 400.00  \x1b[35mmfu: 50.00%\x1b[39m")
+            f"\x1b[34mtps: {round(tps):,}  \x1b[36mtflops: 400.00"
+            + ("  \x1b[35mmfu: 50.00%\x1b[39m" if mfu else "\x1b[39m"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -179,6 +182,16 @@ def test_a_nan_loss_is_flagged(tmp_path):
     verdict = compare_runs.verdict(arm, None, noise_ratio=1.5, max_window_diff=0.03)
     assert verdict["verdict"].startswith("FLAGGED: NaN/inf loss at 1 steps from step 70")
     assert math.isnan(arm.record()["max_abs_diff"])
+
+
+def test_cpu_logs_without_mfu_compare_without_an_mfu_row_and_write_valid_json(tmp_path):
+    runs = [write_log(tmp_path / f"{arm}.log", synthetic_losses(seed), mfu=False)
+            for seed, arm in enumerate(("baseline", "coda"))]
+    compare_runs.main([str(runs[0]), str(runs[1]), "--out", str(tmp_path / "out")])
+    assert "MFU" not in (tmp_path / "out/comparison.md").read_text()
+    result = json.loads((tmp_path / "out/comparison.json").read_text(),
+                        parse_constant=lambda name: pytest.fail(f"{name} in comparison.json"))
+    assert [r["mfu"] for r in result["speed"]] == [None, None]
 
 
 def test_a_dump_folder_is_read_from_its_latest_tensorboard_events_first(tmp_path, capsys):

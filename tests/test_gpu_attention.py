@@ -184,7 +184,8 @@ def test_unsupported_head_dim_takes_sdpa_with_one_warning_or_fails(caplog):
     block = CodaTransformerBlock(0, args, Coda()).to("cuda", torch.bfloat16)
     records = [r for r in caplog.records if r.getMessage().startswith("CODA attention")]
     assert [(r.levelname, r.getMessage()) for r in records] == [
-        ("WARNING", "CODA attention: sdpa because head_dim 264 is outside flash4's SM90 range "
+        ("WARNING", "CODA attention: sdpa (TorchTitan's) because head_dim 264 is outside "
+                    "flash4's SM90 range "
                     "(8..256, a multiple of 8)")]
     assert block.attention_kernel == "sdpa"
     with pytest.raises(RuntimeError, match="attention = 'flash4' cannot run here: head_dim 264"):
