@@ -81,10 +81,12 @@ status=0
 if [ "$nproc" -gt 1 ]; then
   # torchrun ends a failed run with its own report of every rank; each rank also
   # writes its one-line error to CODA_ERROR_FILE, and the first is repeated last.
+  # Only rank LOG_RANK (default 0) prints: every rank logs the same step lines.
   CODA_ERROR_FILE="$(mktemp)"
   export CODA_ERROR_FILE
   trap 'rm -f "$CODA_ERROR_FILE"' EXIT
-  torchrun --standalone --nproc_per_node="$nproc" -m coda_titan.train \
+  torchrun --standalone --nproc_per_node="$nproc" --local-ranks-filter "${LOG_RANK:-0}" \
+    --role rank --tee 3 -m coda_titan.train \
     --job.config_file "$config" "$@" 2>&1 | tee "$log" || status=$?
   if [ "$status" -ne 0 ] && [ -s "$CODA_ERROR_FILE" ]; then
     head -n 1 "$CODA_ERROR_FILE" | tee -a "$log" >&2
