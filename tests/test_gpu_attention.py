@@ -24,7 +24,7 @@ from coda_titan.kernels import attention_for, packed_attention
 from coda_titan.kernels.packed_attention import split_heads
 
 from .conftest import rel_err
-from .test_gpu_kernels import assert_close_to_truth, poison_allocator
+from .test_gpu_kernels import assert_close_to_truth, block_step, poison_allocator
 
 pytestmark = pytest.mark.gpu
 
@@ -157,10 +157,7 @@ def test_converted_block_with_flash4_compiles_fullgraph_with_and_without_ac():
     grad = torch.randn_like(x)
 
     def step(module):
-        xi = x.clone().requires_grad_()
-        out = module(xi, freqs, None)
-        out.backward(grad)
-        return out, xi.grad
+        return block_step(module, x, freqs, grad)
 
     want = step(eager)
     for name, (module, forward_launches) in variants.items():

@@ -63,6 +63,14 @@ def assert_close_to_truth(name, k, r, t, tol=1e-2):
     return err_k, err_r
 
 
+def block_step(module, x, freqs, grad):
+    """(output, input gradient) of a block's forward and backward on a copy of x."""
+    xi = x.clone().requires_grad_()
+    out = module(xi, freqs, None)
+    out.backward(grad)
+    return out, xi.grad
+
+
 def check(kernel_fn, reference_fn, inputs, grad_outs, tol=1e-2):
     k_out, k_grads = run(kernel_fn, inputs, grad_outs)
     r_out, r_grads = run(reference_fn, inputs, grad_outs)
@@ -210,10 +218,7 @@ def test_converted_block_compiles_fullgraph_like_torchtitan():
     grad = torch.randn_like(x)
 
     def step(module):
-        xi = x.clone().requires_grad_()
-        out = module(xi, freqs, None)
-        out.backward(grad)
-        return out, xi.grad
+        return block_step(module, x, freqs, grad)
 
     want = step(eager)
     for module in (compiled, checkpointed):
