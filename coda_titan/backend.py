@@ -86,13 +86,13 @@ def resolve_backend(requested: str, blocker: str | None = None) -> str:
 
 def flash4_unavailable_reason() -> str | None:
     """None when flash-attn-4's SM90 kernels can run here, else why not.
-    Looks the package up without importing it."""
+    Looks ``flash_attn.cute`` up without importing it (``flash_attn`` itself is imported)."""
     reason = cutedsl_unavailable_reason()
     if reason is not None:
         return reason
     try:
         found = importlib.util.find_spec("flash_attn.cute") is not None
-    except ModuleNotFoundError:  # no top-level flash_attn package at all
+    except ImportError:  # no flash_attn package, or one that fails to import (e.g. FA2's)
         found = False
     if not found:
         return (f"python package 'flash-attn-4' is not installed "

@@ -34,7 +34,7 @@ class Coda:
     attention: str = "auto"
     """The attention core: ``flash4`` (FlashAttention-4 reading the packed QKV
     and writing one packed dQKV; SM90, ``flash-attn-4`` installed, TorchTitan's
-    causal ``sdpa`` attention, head dim 8..256, bf16) | ``sdpa`` (TorchTitan's
+    causal ``sdpa`` attention, head dim 8..256 and a multiple of 8, bf16) | ``sdpa`` (TorchTitan's
     own) | ``auto`` (``flash4`` where it can run, else ``sdpa``, logging why)."""
 
     fp8: str = "none"

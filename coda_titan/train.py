@@ -73,8 +73,7 @@ def check_toml(path: str, args: Sequence[str] = ()) -> None:
     config = load_toml(path)
     uses_coda = "coda" in config or "coda" in config.get("model", {}).get("converters", [])
     module = (_cli_value(args, "job.custom_config_module")
-              or config.get("job", {}).get("custom_config_module")
-              or config.get("experimental", {}).get("custom_args_module"))
+              or config.get("job", {}).get("custom_config_module"))
     if uses_coda and not module:
         raise ConfigError(
             f'{path} uses CODA (a [coda] section or converters = ["coda"]) without its config '
@@ -219,6 +218,9 @@ def main() -> None:
         check(args)
     except ValueError as e:
         fail(first_line(e), 2)
+    except Exception as e:  # e.g. a custom_import that does not import
+        traceback.print_exc()
+        fail(f"{type(e).__name__}: {first_line(e)}", 2)
     if not torch.cuda.is_available():
         from . import cpu_support
 

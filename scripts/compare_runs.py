@@ -3,7 +3,7 @@
   python scripts/compare_runs.py REF CAND [CAND ...] [--noise REF_REPEAT]
          [--out outputs/compare] [--warmup N] [--window 100]
          [--noise-ratio 1.5] [--max-window-diff 0.03]
-         [--step-bench benchmarks/results/step_1b_h200.json]
+         [--step-bench benchmarks/results/step_1b_h100.json]
 
 REF is the reference arm (the baseline), each CAND a candidate arm, and
 REF_REPEAT a second run of the reference config with the same seed: how far it
@@ -33,7 +33,7 @@ fifth of the shortest run if that is less; the window shrinks to the compared
 span when the runs are shorter than it. Both adaptations are printed.
 
 Writes to --out (default: outputs/compare under the repository, git-ignored):
-  comparison.md    runs read, medians of step time, tokens/s and MFU, peak
+  comparison.md    runs read, medians of step time, tokens/s and MFU (where logged), peak
                    memory, speedup over REF, and the parity table with verdicts
   comparison.png   loss curves; Δloss against REF with the noise band and the
                    window limits; step times
@@ -163,7 +163,7 @@ def load_run(path: str) -> Run:
         raise RunError(f"{file}: {error}") from error
     if not any(LOSS in row for row in steps.values()):
         raise RunError(f"{file}: no logged loss (neither {LOSS} nor TorchTitan's "
-                       "'step: N  loss: ...  mfu: ...%' console lines)")
+                       "'step: N  loss: ...  memory: ...  tps: ...' console lines)")
     return Run(name or (given.name if given.is_dir() else given.stem), file, steps, choice)
 
 

@@ -51,7 +51,7 @@ def dump_folder(config, args):
             return value if eq else args[i + 1] if i + 1 < len(args) else ""
     try:
         with open(config, "rb") as f:
-            return tomllib.load(f).get("job", {}).get("dump_folder", "./torchtitan/outputs")
+            return tomllib.load(f).get("job", {}).get("dump_folder", "./outputs")
     except tomllib.TOMLDecodeError:
         return ""  # coda_titan.train reports the TOML error
 

@@ -5,6 +5,14 @@ import torchtitan.models.llama3.model.model as titan_model
 import coda_titan.layers.block as coda_block
 
 
+def block_step(block, x, freqs, grad_out):
+    """(output, input gradient) of a block's forward and backward on a copy of x."""
+    x = x.detach().clone().requires_grad_()
+    out = block(x, freqs, None)
+    out.backward(grad_out)
+    return out, x.grad
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm()).item()

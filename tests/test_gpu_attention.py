@@ -23,8 +23,8 @@ from coda_titan.config import Coda
 from coda_titan.kernels import attention_for, packed_attention
 from coda_titan.kernels.packed_attention import split_heads
 
-from .conftest import rel_err
-from .test_gpu_kernels import assert_close_to_truth, block_step, poison_allocator
+from .conftest import block_step, rel_err
+from .test_gpu_kernels import assert_close_to_truth, poison_allocator
 
 pytestmark = pytest.mark.gpu
 

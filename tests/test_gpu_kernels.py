@@ -19,7 +19,7 @@ from coda_titan.config import Coda
 from coda_titan.kernels import REFERENCE, fallback, ops_for
 from coda_titan.layers import CodaTransformerBlock
 
-from .conftest import rel_err
+from .conftest import block_step, rel_err
 
 # The kernels need quack and CuTe DSL (the gpu extra), which CPU installs leave out.
 pytest.importorskip("quack")
@@ -61,14 +61,6 @@ def assert_close_to_truth(name, k, r, t, tol=1e-2):
     err_k, err_r = rel_err(k, t), rel_err(r, t)
     assert err_k <= tol and err_k <= 1.5 * err_r + 2e-3, (name, err_k, err_r)
     return err_k, err_r
-
-
-def block_step(module, x, freqs, grad):
-    """(output, input gradient) of a block's forward and backward on a copy of x."""
-    xi = x.clone().requires_grad_()
-    out = module(xi, freqs, None)
-    out.backward(grad)
-    return out, xi.grad
 
 
 def check(kernel_fn, reference_fn, inputs, grad_outs, tol=1e-2):

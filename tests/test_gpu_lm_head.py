@@ -12,10 +12,10 @@ import torch
 
 from coda_titan.kernels import REFERENCE
 
-from .test_gpu_kernels import check
-
 pytest.importorskip("quack")  # CPU installs leave the gpu extra out
 from coda_titan.kernels.cutedsl import OPS  # noqa: E402
+
+from .test_gpu_kernels import check  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

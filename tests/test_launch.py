@@ -58,6 +58,8 @@ def launches(tmp_path_factory):
         "seq_len": (DEBUG_CODA, "--training.seq_len=131073", f"--job.dump_folder={tmp / 'b'}"),
         "unknown_option": (DEBUG_CODA, "--training.stepz=3", f"--job.dump_folder={tmp / 'c'}"),
         "runtime": (DEBUG_CODA, "--coda.backend=cutedsl", f"--job.dump_folder={tmp / 'd'}"),
+        "bad_import": (DEBUG_CODA, "--experimental.custom_import=coda_titann",
+                       f"--job.dump_folder={tmp / 'g'}"),
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(launch, *args) for name, args in cases.items()}
@@ -93,6 +95,12 @@ def test_help_after_a_config_lists_every_option_and_keeps_the_last_log(launches)
     for option in ("--training.seq-len", "--job.dump-folder", "--coda.backend"):
         assert option in run["stdout"]
     assert not (launches["tmp"] / "f/train.log").exists()
+
+
+def test_a_custom_import_that_fails_ends_in_its_error_line(launches):
+    run = launches["bad_import"]
+    assert run["returncode"] == 2
+    assert run["lines"][-1] == "error: ModuleNotFoundError: No module named 'coda_titann'"
 
 
 def test_no_arguments_print_the_usage_at_once(launches):
@@ -171,6 +179,11 @@ def test_missing_gpu_packages_name_the_extra(monkeypatch):
     monkeypatch.setattr(backend.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backend.torch.cuda, "get_device_capability", lambda: (9, 0))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    for reason in (backend.cutedsl_unavailable_reason(), backend.flash4_unavailable_reason()):
-        assert "is not installed" in reason
+    cutedsl = backend.cutedsl_unavailable_reason()
+    # CuTe DSL and quack present, flash-attn-4 not:
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: None if name.startswith("flash_attn") else object())
+    flash4 = backend.flash4_unavailable_reason()
+    for reason, package in ((cutedsl, "'cutlass'"), (flash4, "'flash-attn-4'")):
+        assert f"{package} is not installed" in reason
         assert 'pip install -e ".[gpu]"' in reason

@@ -28,7 +28,7 @@ from coda_titan.kernels.flash4 import packed_attention as flash4
 from coda_titan.kernels.packed_attention import split_heads
 from coda_titan.layers import CodaTransformerBlock
 
-from .conftest import rel_err
+from .conftest import block_step, rel_err
 
 # (batch, seqlen, query heads, key/value heads, head dim): GQA and MHA, odd lengths.
 SHAPES = [(2, 7, 4, 2, 8), (1, 13, 3, 3, 16), (3, 5, 8, 1, 4)]
@@ -208,13 +208,6 @@ def block_pair(coda, seed=4):
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
     fused = CodaTransformerBlock.convert(copy.deepcopy(titan), coda, "reference", "flash4")
     return titan, fused
-
-
-def block_step(block, x, freqs, grad_out):
-    x = x.detach().clone().requires_grad_()
-    out = block(x, freqs, None)
-    out.backward(grad_out)
-    return out, x.grad
 
 
 FLASH4_BLOCKS = pytest.mark.parametrize(

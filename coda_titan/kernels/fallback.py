@@ -22,10 +22,9 @@ def report_fallback(op: str, reason: str, strict: bool) -> None:
     """Log once that ``op`` ran the reference because of ``reason``; raise if ``strict``."""
     if strict:
         raise RuntimeError(f"CODA {op}: the kernel cannot run these inputs ({reason}), and the "
-                           f"config insists on it; fix the inputs, or set 'auto' to run the "
-                           f"reference instead")
+                           f"config insists on it ([coda] backend = 'cutedsl' or attention = "
+                           f"'flash4'); fix the inputs, or set that key to 'auto' to fall back")
     if (op, reason) in _reported:
         return
     _reported.add((op, reason))
     logger.warning(f"CODA {op}: kernel skipped ({reason}); running the PyTorch reference")
-
