@@ -1,8 +1,18 @@
 import pytest
 import torch
 import torchtitan.models.llama3.model.model as titan_model
+from torchtitan.models.llama3.model.args import TransformerModelArgs
+from torchtitan.models.llama3.model.model import Attention
 
 import coda_titan.layers.block as coda_block
+
+
+def titan_attention(n_heads: int, n_kv_heads: int, head_dim: int) -> Attention:
+    """TorchTitan's llama3 attention for these heads, on the meta device: only its
+    attention core runs, which holds no weights."""
+    with torch.device("meta"):
+        return Attention(TransformerModelArgs(dim=n_heads * head_dim, n_heads=n_heads,
+                                              n_kv_heads=n_kv_heads))
 
 
 def block_step(block, x, freqs, grad_out):

@@ -16,15 +16,14 @@ import warnings
 import pytest
 import torch
 from torchtitan.models.llama3.model.args import TransformerModelArgs
-from torchtitan.models.llama3.model.model import Attention
 
 from coda_titan.backend import flash4_unavailable_reason
 from coda_titan.config import Coda
 from coda_titan.kernels import attention_for, packed_attention
 from coda_titan.kernels.packed_attention import split_heads
 
-from .conftest import block_step, rel_err
-from .test_gpu_kernels import assert_close_to_truth, poison_allocator
+from .conftest import block_step, rel_err, titan_attention
+from .test_gpu_kernels import assert_close_to_truth, converted_block, poison_allocator
 
 pytestmark = pytest.mark.gpu
 
@@ -37,12 +36,6 @@ def flash4_here():
     reason = flash4_unavailable_reason()
     if reason is not None:
         pytest.skip(f"flash4 cannot run here: {reason}")
-
-
-def titan_attention(n_heads, n_kv_heads, head_dim):
-    with torch.device("meta"):  # its attention core holds no weights
-        return Attention(TransformerModelArgs(dim=n_heads * head_dim, n_heads=n_heads,
-                                              n_kv_heads=n_kv_heads))
 
 
 def run_attention(core, attention, heads, dout, dtype):
@@ -133,17 +126,8 @@ def test_converted_block_with_flash4_compiles_fullgraph_with_and_without_ac():
     from torchtitan.config.job_config import ActivationCheckpoint
     from torchtitan.distributed.activation_checkpoint import _apply_ac_to_transformer_block
     from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
-    from torchtitan.models.llama3.model.model import TransformerBlock, precompute_freqs_cis
 
-    from coda_titan.layers import CodaTransformerBlock
-    from coda_titan.train_spec import coda_llama3_args
-
-    torch.manual_seed(12)
-    args = coda_llama3_args["1B"]
-    block = TransformerBlock(0, args).to("cuda", torch.bfloat16)
-    with torch.no_grad():
-        block.init_weights()
-    eager = CodaTransformerBlock.convert(block, Coda(), "cutedsl", "flash4")
+    eager, freqs, x, grad = converted_block("1B", 1024, 12, "flash4")
     selective = ActivationCheckpoint(mode="selective", selective_ac_option="op")
     variants = {
         "compiled": (torch.compile(copy.deepcopy(eager), fullgraph=True), 1),
@@ -152,9 +136,6 @@ def test_converted_block_with_flash4_compiles_fullgraph_with_and_without_ac():
         "selective_ac": (torch.compile(_apply_ac_to_transformer_block(
             copy.deepcopy(eager), selective, op_sac_save_list=_op_sac_save_list), fullgraph=True), 1),
     }
-    freqs = precompute_freqs_cis(args.dim // args.n_heads, 1024, args.rope_theta).cuda()
-    x = torch.randn(2, 1024, args.dim, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn_like(x)
 
     def step(module):
         return block_step(module, x, freqs, grad)

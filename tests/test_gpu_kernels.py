@@ -63,6 +63,22 @@ def assert_close_to_truth(name, k, r, t, tol=1e-2):
     return err_k, err_r
 
 
+def converted_block(flavor, seqlen, seed, attention=None):
+    """(eager block converted to cutedsl, freqs, x, grad) for a compiled-block test:
+    block 0 of ``flavor`` with TorchTitan's init, batch 2 of ``seqlen`` tokens."""
+    from coda_titan.train_spec import coda_llama3_args
+
+    torch.manual_seed(seed)
+    args = coda_llama3_args[flavor]
+    block = TransformerBlock(0, args).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        block.init_weights()
+    eager = CodaTransformerBlock.convert(block, Coda(), "cutedsl", attention)
+    freqs = precompute_freqs_cis(args.dim // args.n_heads, seqlen, args.rope_theta).cuda()
+    x = torch.randn(2, seqlen, args.dim, device="cuda", dtype=torch.bfloat16)
+    return eager, freqs, x, torch.randn_like(x)
+
+
 def check(kernel_fn, reference_fn, inputs, grad_outs, tol=1e-2):
     k_out, k_grads = run(kernel_fn, inputs, grad_outs)
     r_out, r_grads = run(reference_fn, inputs, grad_outs)
@@ -194,20 +210,10 @@ def test_converted_block_compiles_fullgraph_like_torchtitan():
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from torch.profiler import ProfilerActivity, profile
 
-    from coda_titan.train_spec import coda_llama3_args
-
-    torch.manual_seed(12)
-    args = coda_llama3_args["debugmodel_gqa"]
-    block = TransformerBlock(0, args).to("cuda", torch.bfloat16)
-    with torch.no_grad():
-        block.init_weights()
-    eager = CodaTransformerBlock.convert(block, Coda(), "cutedsl")
+    eager, freqs, x, grad = converted_block("debugmodel_gqa", 512, 12)
     compiled = torch.compile(copy.deepcopy(eager), fullgraph=True)
     checkpointed = torch.compile(
         checkpoint_wrapper(copy.deepcopy(eager), preserve_rng_state=False), fullgraph=True)
-    freqs = precompute_freqs_cis(args.dim // args.n_heads, 512, args.rope_theta).cuda()
-    x = torch.randn(2, 512, args.dim, device="cuda", dtype=torch.bfloat16)
-    grad = torch.randn_like(x)
 
     def step(module):
         return block_step(module, x, freqs, grad)

@@ -15,15 +15,9 @@ from coda_titan.kernels import REFERENCE
 pytest.importorskip("quack")  # CPU installs leave the gpu extra out
 from coda_titan.kernels.cutedsl import OPS  # noqa: E402
 
-from .test_gpu_kernels import check  # noqa: E402
+from .test_gpu_kernels import check, gpu_only  # noqa: E402, F401  (gpu_only: autouse fixture)
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(autouse=True)
-def gpu_only():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("needs an SM90 GPU")
 
 
 @pytest.mark.parametrize("vocab", [50257, 32000, 151936, 128256, 1001])

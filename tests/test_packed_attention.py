@@ -20,7 +20,7 @@ from torchtitan.config.job_config import ActivationCheckpoint
 from torchtitan.distributed.activation_checkpoint import _apply_ac_to_transformer_block
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from torchtitan.models.llama3.model.args import TransformerModelArgs
-from torchtitan.models.llama3.model.model import Attention, TransformerBlock
+from torchtitan.models.llama3.model.model import TransformerBlock
 
 from coda_titan.config import Coda
 from coda_titan.kernels import attention_for, fallback, packed_attention
@@ -28,7 +28,7 @@ from coda_titan.kernels.flash4 import packed_attention as flash4
 from coda_titan.kernels.packed_attention import split_heads
 from coda_titan.layers import CodaTransformerBlock
 
-from .conftest import block_step, rel_err
+from .conftest import block_step, rel_err, titan_attention
 
 # (batch, seqlen, query heads, key/value heads, head dim): GQA and MHA, odd lengths.
 SHAPES = [(2, 7, 4, 2, 8), (1, 13, 3, 3, 16), (3, 5, 8, 1, 4)]
@@ -92,11 +92,6 @@ def emulated_flash4(monkeypatch):
     monkeypatch.setattr(flash4, "flash4_interface", lambda: kernel)
     monkeypatch.setattr(flash4, "_unsupported_reason", lambda qkv: None)
     return kernel
-
-
-def titan_attention(n_heads, n_kv_heads, head_dim):
-    args = TransformerModelArgs(dim=n_heads * head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
-    return Attention(args)
 
 
 def packed_inputs(batch, seqlen, hq, hkv, hd, seed=0):
