@@ -26,6 +26,7 @@ from torchtitan.tools.logging import logger
 
 from .backend import resolve_attention, resolve_backend
 from .config import Coda
+from .kernels import prepared_weights
 from .layers import CodaTransformerBlock, DeferredRMSNorm, FusedLMHead
 
 FLOAT8_CONVERTER = "quantize.linear.float8"
@@ -97,6 +98,8 @@ class CodaConverter:
         self.float8_filters = (job_config.quantize.linear.float8.filter_fqns
                                if FLOAT8_CONVERTER in job_config.model.converters else None)
         self.activations_blocker = bf16_activations_reason(job_config, parallel_dims)
+        # FSDP gathers the weights again for the backward: nothing to keep across passes.
+        self.keep_weights = not parallel_dims.fsdp_enabled
         self.backend = resolve_backend(coda.backend, self.activations_blocker)
 
     @staticmethod
@@ -129,10 +132,13 @@ class CodaConverter:
                     + (f" (and {len(missing) - 6} more)" if len(missing) > 6 else "")
                 )
         convert_model(model, self.coda, self.backend,
-                      model_attention(model, self.coda, self.activations_blocker))
+                      model_attention(model, self.coda, self.activations_blocker),
+                      self.keep_weights)
 
     def post_optimizer_hook(self, model: nn.Module | list[nn.Module]) -> None:
-        pass
+        """The weights changed: drop their prepared (folded) forms, built again on
+        first use. Version counters catch every other in-place update too."""
+        prepared_weights.clear()
 
 
 def model_attention(model: nn.Module, coda: Coda, blocker: str | None = None) -> str:
@@ -152,19 +158,21 @@ def _check_llama3(model: nn.Module) -> None:
         )
 
 
-def convert_model(model: nn.Module, coda: Coda, backend: str, attention: str | None = None) -> None:
+def convert_model(model: nn.Module, coda: Coda, backend: str, attention: str | None = None,
+                  keep_weights: bool = True) -> None:
     """Convert a TorchTitan llama3 ``Transformer`` in place (what the converter runs).
 
     ``backend`` is a resolved backend (``resolve_backend(coda.backend)``),
     ``attention`` a resolved attention core (``model_attention``; resolved here
-    when not given).
+    when not given), ``keep_weights`` whether the kernels keep the folded weights
+    from the forward to the backward (``kernels.ops_for``).
     """
     _check_llama3(model)
     attention = attention or model_attention(model, coda)
     if (coda.fuse_norm_qkv_rope or coda.fuse_wo_residual or coda.fuse_norm_swiglu_mlp
             or attention != "sdpa"):
         for block in model.layers.values():
-            CodaTransformerBlock.convert(block, coda, backend, attention)
+            CodaTransformerBlock.convert(block, coda, backend, attention, keep_weights)
     if coda.fuse_norm_output_loss:
         model.norm.__class__ = DeferredRMSNorm
         model.output.__class__ = FusedLMHead

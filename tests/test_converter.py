@@ -346,3 +346,18 @@ def test_float32_activations_keep_flash4_off(flash4_runs_here):
     converter = CodaConverter(job_config("--coda.attention=flash4"), single_device())
     with pytest.raises(RuntimeError, match="float32"):
         converter.convert(model)
+
+
+def test_folded_weights_kept_across_passes_except_under_fsdp_and_dropped_after_steps():
+    from coda_titan.kernels import prepared_weights
+
+    fsdp = ParallelDims(dp_shard=2, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=2)
+    for dims, keep in ((single_device(), True), (fsdp, False)):
+        model = make_model()
+        converter = CodaConverter(job_config(), dims)
+        converter.convert(model)
+        assert all(block.keep_weights is keep for block in model.layers.values())
+    w = torch.randn(4, 4)
+    prepared_weights.prepared("fold", [w], lambda: w * 2)
+    converter.post_optimizer_hook(model)
+    assert prepared_weights.count() == 0

@@ -34,16 +34,18 @@ REFERENCE = SimpleNamespace(
 )
 
 
-def ops_for(backend: str, strict: bool = False) -> SimpleNamespace:
+def ops_for(backend: str, strict: bool = False, keep_weights: bool = True) -> SimpleNamespace:
     """The op implementations for a resolved backend (``reference`` or ``cutedsl``).
     ``strict``: a kernel op that cannot take its inputs raises instead of running
-    the reference (``backend = "cutedsl"`` was asked for)."""
+    the reference (``backend = "cutedsl"`` was asked for). ``keep_weights``: the
+    kernels fold the norm weights once per parameter update and keep them from
+    the forward to the backward (``prepared_weights``), not once per call."""
     if backend == "reference":
         return REFERENCE
     if backend == "cutedsl":
         from . import cutedsl
 
-        return cutedsl.STRICT_OPS if strict else cutedsl.OPS
+        return cutedsl.BOUND_OPS[strict, keep_weights]
     raise ValueError(f"unknown CODA backend {backend!r}; expected 'reference' or 'cutedsl'")
 
 

@@ -15,6 +15,7 @@ TorchTitan's SDPA path or FlashAttention-4, which reads the packed QKV (or the
 three separate projections) and returns the packed gradient.
 """
 
+import torch
 from torchtitan.models.llama3.model.args import TransformerModelArgs
 from torchtitan.models.llama3.model.model import TransformerBlock, apply_rotary_emb
 
@@ -34,19 +35,22 @@ class CodaTransformerBlock(TransformerBlock):
 
     @classmethod
     def convert(
-        cls, block: TransformerBlock, coda: Coda, backend: str, attention: str | None = None
+        cls, block: TransformerBlock, coda: Coda, backend: str, attention: str | None = None,
+        keep_weights: bool = True,
     ) -> "CodaTransformerBlock":
         """Turn an existing block into this class in place (no new parameters).
         ``backend`` and ``attention`` are resolved choices (``attention`` resolved
-        from ``coda.attention`` when not given)."""
+        from ``coda.attention`` when not given); ``keep_weights`` as in ``ops_for``."""
         block.__class__ = cls
-        block.configure_coda(coda, backend, attention)
+        block.configure_coda(coda, backend, attention, keep_weights)
         return block
 
     def configure_coda(
-        self, coda: Coda, backend: str | None = None, attention: str | None = None
+        self, coda: Coda, backend: str | None = None, attention: str | None = None,
+        keep_weights: bool = True,
     ) -> None:
         self.coda = coda
+        self.keep_weights = keep_weights
         self.backend = backend or resolve_backend(coda.backend)
         self.attention_kernel = attention or resolve_attention(
             coda.attention, self.attention.head_dim, self.attention.attn_type
@@ -54,7 +58,9 @@ class CodaTransformerBlock(TransformerBlock):
 
     def forward(self, x, freqs_cis, attention_masks, positions=None):
         coda, attention = self.coda, self.attention
-        ops = ops_for(self.backend, strict=coda.backend == "cutedsl")
+        # Without a backward to come (evaluation), nothing is worth keeping.
+        ops = ops_for(self.backend, strict=coda.backend == "cutedsl",
+                      keep_weights=self.keep_weights and torch.is_grad_enabled())
         bs, seqlen, dim = x.shape
         x2d = x.reshape(-1, dim)
         head_dim = attention.head_dim

@@ -11,6 +11,7 @@ error; operands at an unaligned offset are copied inside the op.
 import torch
 
 from ..deferred_rmsnorm import fold_norm_weight, norm_weight_grad_acc, weight_grad
+from ..prepared_weights import prepared, taken
 
 
 def _cfg(tile_m, tile_n, cluster_m, cluster_n, pingpong):
@@ -59,8 +60,9 @@ TILES = {
 # (wq/wk/wv concatenated, w1/w3 with rows interleaved) stacked, the norm
 # weight folded in, and the reverse for the gradients, each one pass fused by
 # Inductor (eager PyTorch would make several passes over V x D fp32
-# temporaries), wrapped as custom ops: opaque to whatever traces the backward
-# formulas.
+# temporaries). The block ops fold through ``folded_weight``, once per
+# parameter update; the custom ops keep them opaque to whatever traces the
+# backward formulas.
 def stack_rows(weights: list[torch.Tensor], interleave: bool) -> torch.Tensor:
     """[W1; W2; ...] or, interleaved, [W1[0]; W2[0]; W1[1]; W2[1]; ...]."""
     return torch.stack(weights, dim=1).flatten(0, 1) if interleave else torch.cat(weights)
@@ -81,9 +83,23 @@ def _unfold_grads(folded_grad, weights, norm_weight, interleave: bool):
     return dws + [dg.to(norm_weight.dtype)]
 
 
+def folded_weight(weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
+                  keep: bool = True, last: bool = False) -> torch.Tensor:
+    """``stack_rows(weights) * g``, built once per parameter update and shared by
+    the forward, the AC recompute and the dgrad (``..prepared_weights``); ``last``:
+    the dgrad, which releases it. Called only inside custom ops: the tensor it
+    returns must not become a graph value, which Inductor could reuse as scratch."""
+    def build():
+        return _fold_weight(weights, norm_weight, interleave)
+
+    tag, sources = f"fold:{interleave}", [*weights, norm_weight]
+    return taken(tag, sources, build) if last else prepared(tag, sources, build, keep)
+
+
 @torch.library.custom_op("coda::fold_weight", mutates_args=(), device_types="cuda")
 def fold_weight(weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """``stack_rows(weights) * g`` (W' = W * g) in one pass."""
+    """``stack_rows(weights) * g`` (W' = W * g) in one pass, unshared: for the LM head,
+    which folds once per step anyway (its forward computes its gradients)."""
     return _fold_weight(weights, norm_weight, interleave)
 
 

@@ -1,7 +1,8 @@
 """The RMSNorm backward finished in a dgrad GEMM's epilogue (ZdZ).
 
 With ``dzr = r * dz`` (the incoming gradient already scaled by the deferred
-rstd), ``c_r = r**2 * sum(dz * z)`` per row and the folded weight ``W'``::
+rstd), ``c_r = r**2 * sum(dz * z)`` per row and the folded weight ``W'``
+(the forward's, prepared once per step; this dgrad is its last reader)::
 
     dx = dzr @ W' - (c_r / D) * x [+ residual_grad]
 
@@ -13,7 +14,7 @@ import torch
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.ops import ColVecLoad
 
-from .gemm import TILES, aligned
+from .gemm import TILES, aligned, folded_weight
 
 CFG = TILES["rmsnorm_grad"]
 
@@ -32,20 +33,22 @@ def rmsnorm_grad_epi(acc, x, corr):
 
 @torch.library.custom_op("coda::rmsnorm_linear_grad", mutates_args=(), device_types="cuda")
 def rmsnorm_linear_grad(
-    dzr: torch.Tensor, folded_weight: torch.Tensor, x: torch.Tensor, zdz_r2: torch.Tensor,
-    residual_grad: torch.Tensor | None,
+    dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
+    x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None,
 ) -> torch.Tensor:
-    dzr, folded_weight, x, residual_grad = aligned(dzr, folded_weight, x, residual_grad)
+    """dx for ``W' = stack_rows(weights, interleave) * norm_weight``."""
+    folded = folded_weight(weights, norm_weight, interleave, last=True)
+    dzr, folded, x, residual_grad = aligned(dzr, folded, x, residual_grad)
     dx = torch.empty_like(x)
     epi_args = dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1]))
     if residual_grad is None:
-        rmsnorm_grad_epi.gemm(dzr, folded_weight.mT, dx, None, epi_args=epi_args, **CFG)
+        rmsnorm_grad_epi.gemm(dzr, folded.mT, dx, None, epi_args=epi_args, **CFG)
     else:
-        rmsnorm_grad_residual_epi.gemm(dzr, folded_weight.mT, dx, residual_grad,
+        rmsnorm_grad_residual_epi.gemm(dzr, folded.mT, dx, residual_grad,
                                        epi_args=epi_args, **CFG)
     return dx
 
 
 @rmsnorm_linear_grad.register_fake
-def _(dzr, folded_weight, x, zdz_r2, residual_grad):
+def _(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad):
     return torch.empty_like(x)

@@ -21,6 +21,7 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import torch
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from cutlass import Float32
 from quack import copy_utils
 from quack.cache import jit_cache
@@ -34,7 +35,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..fallback import report_fallback
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
-from .gemm import TILES, aligned, fold_weight, unfold_grads, unsupported_reason
+from .gemm import TILES, aligned, folded_weight, unfold_grads, unsupported_reason
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, row_rstd, vector
 
@@ -163,26 +164,27 @@ def _(dqkv, qkv, freqs_cis, positions, rstd, nq, nk):
 @torch.library.custom_op("coda::rmsnorm_qkv_rope", mutates_args=(), device_types="cuda")
 def rmsnorm_qkv_rope_op(
     x: torch.Tensor, norm_weight: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-    wv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, eps: float,
+    wv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, eps: float, keep: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(qkv, r): post-RoPE ``[q | k | v]`` (M, Nq + Nk + Nv) and the row rstd.
 
     One custom op with its backward registered (not an autograd.Function), so
-    that under torch.compile activation checkpointing can recompute it."""
+    that under torch.compile activation checkpointing can recompute it.
+    ``keep``: the folded weight stays prepared for the recompute and the dgrad."""
     rstd = row_rstd(x, eps)
-    folded = fold_weight([wq, wk, wv], norm_weight, False)
+    folded = folded_weight([wq, wk, wv], norm_weight, False, keep)
     freq = rope_freq_table(freqs_cis, wq.shape[0], wk.shape[0], wv.shape[0])
     return rmsnorm_qkv_rope_fwd(x, rstd, folded, positions.float(), freq), rstd
 
 
 @rmsnorm_qkv_rope_op.register_fake
-def _(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
+def _(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, keep):
     n = wq.shape[0] + wk.shape[0] + wv.shape[0]
     return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, norm_weight, wq, wk, wv, freqs_cis, positions, _ = inputs
+    x, norm_weight, wq, wk, wv, freqs_cis, positions, _, _ = inputs
     qkv, rstd = output
     ctx.save_for_backward(x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv)
     ctx.mark_non_differentiable(rstd)
@@ -193,19 +195,25 @@ def _backward(ctx, dqkv, _drstd):
     nq, nk = wq.shape[0], wk.shape[0]
     dzr, zdz = rope_backward_zdz(dqkv, qkv, freqs_cis, positions, rstd, nq, nk)
     weights = [wq, wk, wv]
-    dx = rmsnorm_linear_grad(dzr, fold_weight(weights, norm_weight, False), x,
-                             rstd.square() * zdz, None)
+    dx = rmsnorm_linear_grad(dzr, weights, norm_weight, False, x, rstd.square() * zdz, None)
     dwq, dwk, dwv, dnorm = unfold_grads(dzr.t() @ x, weights, norm_weight, False)
-    return dx, dnorm, dwq, dwk, dwv, None, None, None
+    return dx, dnorm, dwq, dwk, dwv, None, None, None, None
 
 
 rmsnorm_qkv_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
+# TorchTitan's selective op AC saves the outputs of the ops in this set (its
+# mm and attention ops): the packed QKV are saved the same way, not recomputed with
+# their GEMM.
+_op_sac_save_list.add(torch.ops.coda.rmsnorm_qkv_rope.default)
 
-def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, *, strict=False):
+
+def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, *, strict=False,
+                     keep_weights=True):
     reason = unsupported_reason(x, weights=(wq, wk, wv))
     if reason is not None:
         report_fallback("rmsnorm_qkv_rope", reason, strict)
         return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
-    qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
+    qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps,
+                                 keep_weights)
     return qkv

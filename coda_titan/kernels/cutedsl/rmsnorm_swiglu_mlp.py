@@ -27,6 +27,7 @@ of TorchTitan's own block.
 """
 
 import torch
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from quack.activation import dswiglu, swiglu
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.math import pack, unpack
@@ -36,7 +37,7 @@ from ..fallback import report_fallback
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from .gemm import (
-    TILES, aligned, fold_weight, tile_partials, unfold_grads, unsupported_reason)
+    TILES, aligned, folded_weight, tile_partials, unfold_grads, unsupported_reason)
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 
@@ -106,17 +107,18 @@ def _(dout, w2, gu, rstd):
 @torch.library.custom_op("coda::rmsnorm_swiglu", mutates_args=(), device_types="cuda")
 def rmsnorm_swiglu(
     h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor,
-    w3: torch.Tensor, eps: float,
+    w3: torch.Tensor, eps: float, keep: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(GU, act, r) for h (M, D): the pre-activation, silu(r*gate) * (r*up), the row rstd.
-    No backward: ``swiglu_down_residual``'s covers it."""
+    No backward: ``swiglu_down_residual``'s covers it. ``keep``: the folded W13
+    stays prepared for the recompute and the dgrad."""
     rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
-    gu, act = rmsnorm_swiglu_fwd(h, rstd, fold_weight([w1, w3], norm_weight, True))
+    gu, act = rmsnorm_swiglu_fwd(h, rstd, folded_weight([w1, w3], norm_weight, True, keep))
     return gu, act, rstd
 
 
 @rmsnorm_swiglu.register_fake
-def _(h, sumsq, norm_weight, w1, w3, eps):
+def _(h, sumsq, norm_weight, w1, w3, eps, keep):
     m, f = h.shape[0], w1.shape[0]
     return h.new_empty(m, 2 * f), h.new_empty(m, f), h.new_empty(m, dtype=torch.float32)
 
@@ -148,16 +150,21 @@ def _backward(ctx, dout):
     dout = dout.reshape(h2d.shape).contiguous()
     dgu, act, drstd = dswiglu_drstd(dout, w2, gu, rstd)
     dw2 = dout.t() @ act
-    dh = rmsnorm_linear_grad(dgu, fold_weight([w1, w3], norm_weight, True), h2d,
-                             rstd.pow(3) * drstd, dout)
+    dh = rmsnorm_linear_grad(dgu, [w1, w3], norm_weight, True, h2d, rstd.pow(3) * drstd, dout)
     dw1, dw3, dnorm = unfold_grads(dgu.t() @ h2d, [w1, w3], norm_weight, True)
     return dh.view(h.shape), None, None, None, dnorm, dw1, dw3, dw2
 
 
 swiglu_down_residual.register_autograd(_backward, setup_context=_setup_context)
 
+# TorchTitan's selective op AC saves the outputs of the ops in this set (its
+# mm and attention ops): GU and r are saved the same way, not recomputed with
+# their GEMM.
+_op_sac_save_list.add(torch.ops.coda.rmsnorm_swiglu.default)
 
-def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None, *, strict=False):
+
+def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None, *, strict=False,
+                       keep_weights=True):
     reason = unsupported_reason(h, weights=(w1, w3, w2))
     if reason is not None:
         report_fallback("rmsnorm_swiglu_mlp", reason, strict)
@@ -165,5 +172,5 @@ def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None, *, strict=Fa
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)
     gu, act, rstd = rmsnorm_swiglu(h.detach().reshape(-1, h.shape[-1]), sumsq, norm_weight.detach(),
-                                   w1.detach(), w3.detach(), eps)
+                                   w1.detach(), w3.detach(), eps, keep_weights)
     return swiglu_down_residual(h, act, gu, rstd, norm_weight, w1, w3, w2)

@@ -1,0 +1,73 @@
+"""Weight preparation once per optimizer step, shared by the fused ops.
+
+A fused GEMM reads its projections stacked (wq/wk/wv concatenated, w1/w3
+interleaved) with the norm weight folded in, ``W' = stack(W) * g``; an FP8
+recipe adds a cast, a transpose and scales. That work depends only on the
+parameters, so it is built on first use after each parameter update and then
+reused by the forward, the activation-checkpointing recompute and the
+backward's dgrad, instead of once by each (three times per layer under full
+AC).
+
+An entry is valid while its sources are the same storages at the same version
+counters. Every in-place write bumps a version counter (the optimizer step,
+``load_state_dict``, ``init_weights``, a checkpoint load), so a stale entry is
+never read; the converter's ``post_optimizer_hook`` drops every entry as well.
+The op that reads an entry last in a step (the dgrad in the backward) takes it
+out, so in a step the prepared copies are freed while the gradients grow, and
+peak memory stays at the baseline's. With ``keep=False`` (FSDP, which gathers
+the weights again for the backward) nothing is kept between passes.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+_ENTRIES: dict[tuple, tuple[tuple, list[StorageWeakRef], torch.Tensor]] = {}
+
+
+def _key(tag: str, sources: Sequence[torch.Tensor]) -> tuple:
+    return (tag, *((s.untyped_storage().data_ptr(), s.storage_offset(), tuple(s.shape),
+                    s.stride(), s.dtype) for s in sources))
+
+
+def _valid(entry, sources: Sequence[torch.Tensor]) -> bool:
+    versions, storages, _ = entry
+    return (all(not ref.expired() for ref in storages)
+            and versions == tuple(s._version for s in sources))
+
+
+def prepared(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], torch.Tensor],
+             keep: bool = True) -> torch.Tensor:
+    """``build()``, the prepared form ``tag`` of ``sources``, reused while the
+    sources are unchanged (``keep``) or built afresh (not ``keep``)."""
+    key = _key(tag, sources)
+    entry = _ENTRIES.get(key)
+    if entry is not None and _valid(entry, sources):
+        return entry[2]
+    _ENTRIES.pop(key, None)
+    weight = build()
+    if keep:
+        # Sources that died (a per-call cast under autocast) would pin their entries.
+        for dead in [k for k, e in _ENTRIES.items() if any(r.expired() for r in e[1])]:
+            del _ENTRIES[dead]
+        _ENTRIES[key] = (tuple(s._version for s in sources),
+                         [StorageWeakRef(s.untyped_storage()) for s in sources], weight)
+    return weight
+
+
+def taken(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Like ``prepared``, for the last reader in a step: the entry is removed."""
+    weight = prepared(tag, sources, build, keep=False)
+    _ENTRIES.pop(_key(tag, sources), None)
+    return weight
+
+
+def clear() -> None:
+    """Drop every prepared weight (after an optimizer step)."""
+    _ENTRIES.clear()
+
+
+def count() -> int:
+    """How many prepared weights are held."""
+    return len(_ENTRIES)

@@ -1,0 +1,79 @@
+"""Weight preparation once per parameter update (``kernels.prepared_weights``)."""
+
+import pytest
+import torch
+from torch import nn
+
+from coda_titan.kernels import prepared_weights as pw
+
+
+@pytest.fixture(autouse=True)
+def empty():
+    pw.clear()
+    yield
+    pw.clear()
+
+
+class Builder:
+    def __init__(self, *sources):
+        self.sources, self.builds = sources, 0
+
+    def __call__(self):
+        self.builds += 1
+        return sum(s.sum() for s in self.sources).reshape(1)
+
+
+def test_reused_until_a_source_changes_in_place():
+    w, g = torch.randn(4, 3), torch.randn(3)
+    build = Builder(w, g)
+    first = pw.prepared("fold", [w, g], build)
+    assert pw.prepared("fold", [w.detach(), g], build) is first  # an alias is the same source
+    assert build.builds == 1
+    with torch.no_grad():
+        g.mul_(2)  # what the optimizer step does
+    second = pw.prepared("fold", [w, g], build)
+    assert build.builds == 2 and torch.allclose(second, w.sum() + g.sum())
+
+
+def test_load_state_dict_invalidates():
+    model = nn.Linear(3, 4, bias=False)
+    build = Builder(model.weight)
+    pw.prepared("fold", [model.weight], build)
+    model.load_state_dict({"weight": torch.ones(4, 3)})
+    assert pw.prepared("fold", [model.weight], build).item() == 12
+    assert build.builds == 2
+
+
+def test_tags_and_views_are_separate_entries():
+    w = torch.randn(4, 3)
+    build = Builder(w)
+    pw.prepared("fold:True", [w], build)
+    pw.prepared("fold:False", [w], build)
+    pw.prepared("fold:True", [w[:2]], build)
+    assert build.builds == 3 and pw.count() == 3
+
+
+def test_taken_releases_and_keep_false_stores_nothing():
+    w = torch.randn(4, 3)
+    build = Builder(w)
+    kept = pw.prepared("fold", [w], build)
+    assert pw.taken("fold", [w], build) is kept and pw.count() == 0
+    pw.prepared("fold", [w], build, keep=False)
+    assert pw.count() == 0 and build.builds == 2
+    assert pw.taken("fold", [w], build) is not kept and build.builds == 3
+
+
+def test_dead_sources_do_not_pin_their_entries():
+    for _ in range(3):  # a fresh source each time, as a per-call autocast cast makes
+        w = torch.randn(64, 64)
+        pw.prepared("fold", [w], Builder(w))
+        del w
+    assert pw.count() == 1
+
+
+def test_same_address_new_storage_is_rebuilt():
+    w = torch.zeros(8)
+    build = Builder(w)
+    pw.prepared("fold", [w], build)
+    w.set_(torch.ones(8).untyped_storage())  # new storage, version may repeat
+    assert pw.prepared("fold", [w], build).item() == 8
