@@ -1,4 +1,4 @@
-"""The ``coda_llama3`` train spec: TorchTitan's llama3, plus the 1B flavor and a
+"""The ``coda_llama3`` train spec: TorchTitan's llama3, plus 1B and 3B flavors and a
 loss that accepts the fused LM head.
 
 Why a train spec: TorchTitan 0.2.2's trainer calls ``loss_fn(pred, labels)``
@@ -33,6 +33,16 @@ coda_llama3_args = {
         n_kv_heads=8,
         ffn_dim_multiplier=1.5,
         multiple_of=1024,
+        vocab_size=128256,
+        rope_theta=500000,
+    ),
+    # LLaMA-3.2 3B's dims (F = 8192; untied output, no RoPE frequency scaling).
+    "3B": TransformerModelArgs(
+        dim=3072,
+        n_layers=28,
+        n_heads=24,
+        n_kv_heads=8,
+        multiple_of=256,
         vocab_size=128256,
         rope_theta=500000,
     ),
