@@ -1,7 +1,10 @@
-"""Training-step benchmark: TorchTitan's LLaMA-3 model, three arms in one process.
+"""Training-step benchmark: TorchTitan's LLaMA-3 model, several arms in one process.
 
   baseline  TorchTitan's model, each block under torch.compile(fullgraph=True),
             bf16 logits + fp32 cross-entropy (TorchTitan's loss), compiled
+  float8    the baseline with TorchTitan's float8 converter applied as
+            configs/llama3_1b_baseline_fp8.toml applies it (torchao, tensorwise,
+            every linear but ``output``)
   liger     the same model with Liger-Kernel's RMSNorm, SiLU-mul and fused
             linear cross-entropy swapped in, eager (Liger's RMSNorm does not
             trace under per-block compile), as a TorchTitan user would do today
@@ -9,6 +12,13 @@
             ``[coda] attention`` from --coda-attention: ``auto`` takes flash4 on
             the packed QKV on an SM90 GPU with flash-attn-4 installed), each block
             under torch.compile(fullgraph=True)
+  coda@NAME=TM,TN,CM,CN,PP[/NAME=...]
+            the coda arm with GEMM tile configs replaced for this arm only
+            (``TILES[NAME]``: tile M/N, cluster M/N, pingpong 0/1), to choose
+            tiles inside the training step rather than in isolation
+
+Activation checkpointing (--ac) is TorchTitan's own ``apply_ac``: ``full``, or
+``selective`` (per-op, TorchTitan's save list plus the ops CODA adds to it).
 
 Each step is forward + backward + gradient clipping + fused AdamW, bf16
 parameters, random tokens. Reports the median step time, tokens/s, peak memory
@@ -16,11 +26,13 @@ and a profiler breakdown of one step by kernel class (GEMM, attention, other).
 Writes benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
-  python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --full-ac
+  python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full
   python scripts/bench_step.py --arms baseline coda --coda-attention sdpa
+  python scripts/bench_step.py --arms coda coda@dswiglu=128,128,2,1,1
 """
 
 import argparse
+import contextlib
 import functools
 import gc
 import statistics
@@ -29,8 +41,10 @@ from types import SimpleNamespace
 
 import torch
 from torchtitan.components.loss import cross_entropy_loss
+from torchtitan.config.job_config import ActivationCheckpoint
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from torchtitan.models.llama3.model.model import Transformer
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torchtitan.tools.utils import set_default_dtype
 
 from bench_results import write_results
@@ -58,24 +72,41 @@ def materialize(model: Transformer) -> Transformer:
     return model
 
 
-def wrap_blocks(model: Transformer, full_ac: bool, compile: bool) -> None:
-    """Full activation checkpointing if asked, then TorchTitan's per-block compile
-    if asked (TorchTitan applies AC before compile too)."""
+def wrap_blocks(model: Transformer, ac: str, compile: bool) -> None:
+    """TorchTitan's activation checkpointing (``ac``: none, full, selective), then
+    its per-block compile if asked (TorchTitan applies AC before compile too)."""
+    if ac != "none":
+        apply_ac(model, ActivationCheckpoint(mode=ac, selective_ac_option="op"),
+                 model_compile_enabled=compile, op_sac_save_list=_op_sac_save_list)
     for name, block in list(model.layers.named_children()):
-        if full_ac:
-            block = checkpoint_wrapper(block, preserve_rng_state=False)
         if compile:
             block = torch.compile(block, fullgraph=True)
         model.layers.register_module(name, block)
 
 
-def baseline_arm(flavor, seq, full_ac):
+def baseline_arm(flavor, seq, ac):
     model = materialize(build_model(flavor, seq))
-    wrap_blocks(model, full_ac, compile=True)
+    wrap_blocks(model, ac, compile=True)
     return model, torch.compile(cross_entropy_loss)
 
 
-def liger_arm(flavor, seq, full_ac):
+def float8_arm(flavor, seq, ac):
+    """TorchTitan's own float8 converter, configured from the float8 baseline TOML."""
+    from torchtitan.config import ConfigManager
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.protocols.model_converter import build_model_converters
+
+    config = ConfigManager().parse_args(
+        ["--job.config_file", "configs/llama3_1b_baseline_fp8.toml"])
+    dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    model = build_model(flavor, seq)
+    build_model_converters(config, dims).convert(model)
+    model = materialize(model)
+    wrap_blocks(model, ac, compile=True)
+    return model, torch.compile(cross_entropy_loss)
+
+
+def liger_arm(flavor, seq, ac):
     from liger_kernel.ops.swiglu import LigerSiLUMulFunction
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerRMSNorm
     from torchtitan.models.llama3.model.model import FeedForward
@@ -94,7 +125,7 @@ def liger_arm(flavor, seq, full_ac):
             lambda x, ff=block.feed_forward: ff.w2(LigerSiLUMulFunction.apply(ff.w1(x), ff.w3(x)))
         )
         assert isinstance(block.feed_forward, FeedForward)
-    wrap_blocks(model, full_ac, compile=False)
+    wrap_blocks(model, ac, compile=False)
     model.norm = to_liger_norm(model.norm)
     output = model.output
     model.output = torch.nn.Identity()
@@ -107,18 +138,18 @@ def liger_arm(flavor, seq, full_ac):
     return model, loss_fn
 
 
-def coda_arm(flavor, seq, full_ac, attention="auto"):
+def coda_arm(flavor, seq, ac, attention="auto"):
     model = build_model(flavor, seq)
     convert_model(model, Coda(backend="cutedsl", attention=attention, loss_chunk_tokens=8192),
                   "cutedsl")
     model = materialize(model)
-    wrap_blocks(model, full_ac, compile=True)
+    wrap_blocks(model, ac, compile=True)
     loss_config = SimpleNamespace(
         compile=SimpleNamespace(enable=True, components=["loss"], backend="inductor"))
     return model, build_coda_loss(loss_config)
 
 
-ARMS = {"baseline": baseline_arm, "liger": liger_arm, "coda": coda_arm}
+ARMS = {"baseline": baseline_arm, "float8": float8_arm, "liger": liger_arm, "coda": coda_arm}
 
 
 def classify(name: str) -> str:
@@ -130,10 +161,37 @@ def classify(name: str) -> str:
     return "other"
 
 
-def run_arm(arm, flavor, seq, batch, steps, warmup, full_ac=False, top_kernels=0,
+@contextlib.contextmanager
+def tiles_replaced(arm: str):
+    """``coda@dswiglu=128,128,2,1,1/...``: those TILES entries replaced while the arm runs."""
+    from coda_titan.kernels.cutedsl.gemm import TILES
+
+    overrides = {}
+    for item in arm.partition("@")[2].split("/") if "@" in arm else []:
+        name, _, values = item.partition("=")
+        tile_m, tile_n, cluster_m, cluster_n, pingpong = (int(v) for v in values.split(","))
+        overrides[name] = dict(tile_M=tile_m, tile_N=tile_n, cluster_M=cluster_m,
+                               cluster_N=cluster_n, pingpong=bool(pingpong))
+    saved = {name: dict(TILES[name]) for name in overrides}
+    for name, cfg in overrides.items():
+        TILES[name].update(cfg)  # in place: the ops hold these dicts
+    try:
+        yield
+    finally:
+        for name, cfg in saved.items():
+            TILES[name].update(cfg)
+
+
+def run_arm(arm, flavor, seq, batch, steps, warmup, ac="none", top_kernels=0,
             coda_attention="auto"):
-    build = functools.partial(coda_arm, attention=coda_attention) if arm == "coda" else ARMS[arm]
-    model, loss_fn = build(flavor, seq, full_ac)
+    kind = arm.partition("@")[0]
+    build = functools.partial(coda_arm, attention=coda_attention) if kind == "coda" else ARMS[kind]
+    with tiles_replaced(arm):
+        return measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels)
+
+
+def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels):
+    model, loss_fn = build(flavor, seq, ac)
     params = [p for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
     vocab = coda_llama3_args[flavor].vocab_size
@@ -180,7 +238,7 @@ def run_arm(arm, flavor, seq, batch, steps, warmup, full_ac=False, top_kernels=0
     step_ms = statistics.median(times)
     attention = sorted({b.attention_kernel for b in model.modules()
                         if isinstance(b, CodaTransformerBlock)}) or ["titan"]
-    record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, full_ac=full_ac,
+    record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, ac=ac,
                   attention="/".join(attention), step_ms=step_ms,
                   tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
                   profile_ms=breakdown)
@@ -200,15 +258,15 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--top-kernels", type=int, default=0, help="print the N costliest kernels")
-    parser.add_argument("--full-ac", action="store_true",
-                        help="full activation checkpointing on every block (8B on 80 GB)")
+    parser.add_argument("--ac", default="none", choices=("none", "full", "selective"),
+                        help="TorchTitan activation checkpointing (8B takes full on 80 GB)")
     parser.add_argument("--coda-attention", default="auto", choices=ATTENTIONS,
                         help="[coda] attention of the coda arm")
     args = parser.parse_args()
     records = []
     for arm in args.arms:
         rec = run_arm(arm, args.flavor, args.seq, args.batch, args.steps, args.warmup,
-                      args.full_ac, args.top_kernels, args.coda_attention)
+                      args.ac, args.top_kernels, args.coda_attention)
         records.append(rec)
         prof = rec["profile_ms"]
         print(f"{arm:9s} {args.flavor} seq {args.seq} x {args.batch} (attention "
@@ -229,7 +287,7 @@ def main():
               f"{r['profile_ms']['other']:.1f} |" for r in records]
     write_results(args.out, f"step_{args.flavor.lower()}",
                   f"Training-step benchmark, LLaMA-3 {args.flavor}, seq {args.seq} x {args.batch}"
-                  f"{', full AC' if args.full_ac else ''}", records, table)
+                  f"{'' if args.ac == 'none' else f', {args.ac} AC'}", records, table)
 
 if __name__ == "__main__":
     main()
