@@ -98,8 +98,15 @@ class CodaConverter:
         self.float8_filters = (job_config.quantize.linear.float8.filter_fqns
                                if FLOAT8_CONVERTER in job_config.model.converters else None)
         self.activations_blocker = bf16_activations_reason(job_config, parallel_dims)
-        # FSDP gathers the weights again for the backward: nothing to keep across passes.
-        self.keep_weights = not parallel_dims.fsdp_enabled
+        # Keep the folded weights from the forward to the dgrad only under full AC
+        # (measured, benchmarks/results/step_8b_h200.md): there they are built once
+        # instead of three times per layer, and the peak, at the end of the
+        # backward, is unchanged as the dgrads have released them. Otherwise
+        # they are built twice, and keeping them holds a weight-sized copy per
+        # layer through the forward, where the peak then is. FSDP gathers the
+        # weights again for the backward: nothing to keep there.
+        self.keep_weights = (job_config.activation_checkpoint.mode == "full"
+                             and not parallel_dims.fsdp_enabled)
         self.backend = resolve_backend(coda.backend, self.activations_blocker)
 
     @staticmethod
@@ -159,7 +166,7 @@ def _check_llama3(model: nn.Module) -> None:
 
 
 def convert_model(model: nn.Module, coda: Coda, backend: str, attention: str | None = None,
-                  keep_weights: bool = True) -> None:
+                  keep_weights: bool = False) -> None:
     """Convert a TorchTitan llama3 ``Transformer`` in place (what the converter runs).
 
     ``backend`` is a resolved backend (``resolve_backend(coda.backend)``),

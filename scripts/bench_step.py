@@ -12,13 +12,17 @@
             ``[coda] attention`` from --coda-attention: ``auto`` takes flash4 on
             the packed QKV on an SM90 GPU with flash-attn-4 installed), each block
             under torch.compile(fullgraph=True)
+  coda_refold
+            coda with the folded weights built by every pass that reads them
+            (forward, recompute, dgrad), to measure what keeping them saves
   coda@NAME=TM,TN,CM,CN,PP[/NAME=...]
             the coda arm with GEMM tile configs replaced for this arm only
             (``TILES[NAME]``: tile M/N, cluster M/N, pingpong 0/1), to choose
             tiles inside the training step rather than in isolation
 
-Activation checkpointing (--ac) is TorchTitan's own ``apply_ac``: ``full``, or
-``selective`` (per-op, TorchTitan's save list plus the ops CODA adds to it).
+Activation checkpointing (--ac) is TorchTitan's own ``apply_ac``: ``full``,
+``selective`` (its default: every second block fully checkpointed) or
+``selective-op`` (per op: TorchTitan's save list plus the ops CODA adds to it).
 
 Each step is forward + backward + gradient clipping + fused AdamW, bf16
 parameters, random tokens. Reports the median step time, tokens/s, peak memory
@@ -76,7 +80,8 @@ def wrap_blocks(model: Transformer, ac: str, compile: bool) -> None:
     """TorchTitan's activation checkpointing (``ac``: none, full, selective), then
     its per-block compile if asked (TorchTitan applies AC before compile too)."""
     if ac != "none":
-        apply_ac(model, ActivationCheckpoint(mode=ac, selective_ac_option="op"),
+        mode, _, option = ac.partition("-")
+        apply_ac(model, ActivationCheckpoint(mode=mode, selective_ac_option=option or "2"),
                  model_compile_enabled=compile, op_sac_save_list=_op_sac_save_list)
     for name, block in list(model.layers.named_children()):
         if compile:
@@ -138,10 +143,12 @@ def liger_arm(flavor, seq, ac):
     return model, loss_fn
 
 
-def coda_arm(flavor, seq, ac, attention="auto"):
+def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None):
+    """``keep_weights`` None: as the converter chooses (only under full AC)."""
     model = build_model(flavor, seq)
+    keep = ac == "full" if keep_weights is None else keep_weights
     convert_model(model, Coda(backend="cutedsl", attention=attention, loss_chunk_tokens=8192),
-                  "cutedsl")
+                  "cutedsl", keep_weights=keep)
     model = materialize(model)
     wrap_blocks(model, ac, compile=True)
     loss_config = SimpleNamespace(
@@ -149,7 +156,8 @@ def coda_arm(flavor, seq, ac, attention="auto"):
     return model, build_coda_loss(loss_config)
 
 
-ARMS = {"baseline": baseline_arm, "float8": float8_arm, "liger": liger_arm, "coda": coda_arm}
+ARMS = {"baseline": baseline_arm, "float8": float8_arm, "liger": liger_arm, "coda": coda_arm,
+        "coda_refold": functools.partial(coda_arm, keep_weights=False)}
 
 
 def classify(name: str) -> str:
@@ -185,7 +193,8 @@ def tiles_replaced(arm: str):
 def run_arm(arm, flavor, seq, batch, steps, warmup, ac="none", top_kernels=0,
             coda_attention="auto"):
     kind = arm.partition("@")[0]
-    build = functools.partial(coda_arm, attention=coda_attention) if kind == "coda" else ARMS[kind]
+    build = (functools.partial(ARMS[kind], attention=coda_attention) if kind.startswith("coda")
+             else ARMS[kind])
     with tiles_replaced(arm):
         return measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels)
 
@@ -258,7 +267,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--top-kernels", type=int, default=0, help="print the N costliest kernels")
-    parser.add_argument("--ac", default="none", choices=("none", "full", "selective"),
+    parser.add_argument("--ac", default="none",
+                        choices=("none", "full", "selective", "selective-op"),
                         help="TorchTitan activation checkpointing (8B takes full on 80 GB)")
     parser.add_argument("--coda-attention", default="auto", choices=ATTENTIONS,
                         help="[coda] attention of the coda arm")

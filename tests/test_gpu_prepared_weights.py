@@ -1,7 +1,8 @@
 """The folded weights are built once per step and never stale (pytest -m gpu).
 
 A converted model (cutedsl kernels, per-block compile, with and without full
-AC) trains with a large learning rate, so a stale folded weight would move the
+AC, the folded weights kept from the forward to the dgrad or built by each
+pass) trains with a large learning rate, so a stale folded weight would move the
 loss by far more than the tolerance. Before each optimizer step (and before a
 ``load_state_dict``) it runs one more forward whose backward never comes, so
 prepared weights are left behind for the update to invalidate. After each step
@@ -37,7 +38,7 @@ def gpu_only():
     prepared_weights.clear()
 
 
-def converted(seed, full_ac):
+def converted(seed, full_ac, keep=True):
     torch.manual_seed(seed)
     model = Transformer(ARGS).to("cuda", torch.bfloat16)
     with torch.no_grad():
@@ -46,7 +47,7 @@ def converted(seed, full_ac):
             if "norm" in name:  # away from 1, so that the fold matters
                 p.uniform_(0.5, 1.5)
     convert_model(model, Coda(backend="cutedsl", attention="sdpa", loss_chunk_tokens=256),
-                  "cutedsl")
+                  "cutedsl", keep_weights=keep)
     for name, block in list(model.layers.named_children()):
         block = checkpoint_wrapper(block, preserve_rng_state=False) if full_ac else block
         model.layers.register_module(name, torch.compile(block, fullgraph=True))
@@ -83,33 +84,34 @@ def assert_matches_fresh(model, full_ac, seed, folds):
     assert max(errors.values()) < 1e-3, errors
 
 
-def leave_prepared_weights(model, seed):
-    """A forward with grad on and no backward: its folded weights stay prepared."""
+def leave_prepared_weights(model, seed, keep):
+    """A forward with grad on and no backward: its folded weights stay prepared (keep)."""
     inputs, _ = batch(seed)
     model(inputs)
-    assert prepared_weights.count() == 2 * ARGS.n_layers
+    assert prepared_weights.count() == (2 * ARGS.n_layers if keep else 0)
 
 
-@pytest.mark.parametrize("full_ac", [False, True])
-def test_folded_weights_follow_optimizer_steps_and_load_state_dict(full_ac, monkeypatch):
+@pytest.mark.parametrize("full_ac,keep", [(False, True), (True, True), (True, False)])
+def test_folded_weights_follow_optimizer_steps_and_load_state_dict(full_ac, keep, monkeypatch):
     folds = []
     build = gemm._fold_weight
     monkeypatch.setattr(gemm, "_fold_weight", lambda *a: folds.append(1) or build(*a))
-    model = converted(seed=0, full_ac=full_ac)
+    model = converted(seed=0, full_ac=full_ac, keep=keep)
+    # Kept: once per block op and step. Not kept: by the forward, the recompute
+    # and the dgrad. The LM head folds once, in its forward.
+    passes = 1 if keep else 2 + full_ac
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     for step in range(3):
         assert_matches_fresh(model, full_ac, step, folds)
-        # Once per block op and step, not per forward, recompute and backward;
-        # the LM head folds once in its forward. All released by the backward.
-        assert len(folds) == 2 * ARGS.n_layers + 1, len(folds)
-        assert prepared_weights.count() == 0
-        leave_prepared_weights(model, seed=100 + step)
+        assert len(folds) == 2 * ARGS.n_layers * passes + 1, len(folds)
+        assert prepared_weights.count() == 0  # the dgrads released them
+        leave_prepared_weights(model, 100 + step, keep)
         optimizer.step()
     # The steps moved every folded weight well beyond the tolerances above.
     moved = {n: rel_err(p, initial[n]) for n, p in model.named_parameters()
              if any(k in n for k in ("norm", "wq", "wk", "wv", "w1", "w3"))}
     assert min(moved.values()) > 0.01, moved
-    leave_prepared_weights(model, seed=200)
+    leave_prepared_weights(model, 200, keep)
     model.load_state_dict(converted(seed=7, full_ac=full_ac).state_dict())
     assert_matches_fresh(model, full_ac, 3, folds)

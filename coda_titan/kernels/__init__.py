@@ -34,7 +34,7 @@ REFERENCE = SimpleNamespace(
 )
 
 
-def ops_for(backend: str, strict: bool = False, keep_weights: bool = True) -> SimpleNamespace:
+def ops_for(backend: str, strict: bool = False, keep_weights: bool = False) -> SimpleNamespace:
     """The op implementations for a resolved backend (``reference`` or ``cutedsl``).
     ``strict``: a kernel op that cannot take its inputs raises instead of running
     the reference (``backend = "cutedsl"`` was asked for). ``keep_weights``: the

@@ -36,7 +36,7 @@ class CodaTransformerBlock(TransformerBlock):
     @classmethod
     def convert(
         cls, block: TransformerBlock, coda: Coda, backend: str, attention: str | None = None,
-        keep_weights: bool = True,
+        keep_weights: bool = False,
     ) -> "CodaTransformerBlock":
         """Turn an existing block into this class in place (no new parameters).
         ``backend`` and ``attention`` are resolved choices (``attention`` resolved
@@ -47,7 +47,7 @@ class CodaTransformerBlock(TransformerBlock):
 
     def configure_coda(
         self, coda: Coda, backend: str | None = None, attention: str | None = None,
-        keep_weights: bool = True,
+        keep_weights: bool = False,
     ) -> None:
         self.coda = coda
         self.keep_weights = keep_weights

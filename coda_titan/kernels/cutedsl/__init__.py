@@ -28,4 +28,4 @@ def _bound(strict: bool, keep_weights: bool) -> SimpleNamespace:
 # the forward to the dgrad (``..prepared_weights``); off under FSDP, which
 # gathers the weights again for the backward.
 BOUND_OPS = {flags: _bound(*flags) for flags in product((False, True), repeat=2)}
-OPS = BOUND_OPS[False, True]
+OPS = BOUND_OPS[False, False]

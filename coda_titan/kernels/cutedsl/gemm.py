@@ -84,7 +84,7 @@ def _unfold_grads(folded_grad, weights, norm_weight, interleave: bool):
 
 
 def folded_weight(weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
-                  keep: bool = True, last: bool = False) -> torch.Tensor:
+                  keep: bool = False, last: bool = False) -> torch.Tensor:
     """``stack_rows(weights) * g``, built once per parameter update and shared by
     the forward, the AC recompute and the dgrad (``..prepared_weights``); ``last``:
     the dgrad, which releases it. Called only inside custom ops: the tensor it

@@ -209,7 +209,7 @@ _op_sac_save_list.add(torch.ops.coda.rmsnorm_qkv_rope.default)
 
 
 def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, *, strict=False,
-                     keep_weights=True):
+                     keep_weights=False):
     reason = unsupported_reason(x, weights=(wq, wk, wv))
     if reason is not None:
         report_fallback("rmsnorm_qkv_rope", reason, strict)

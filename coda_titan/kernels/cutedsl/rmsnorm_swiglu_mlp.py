@@ -164,7 +164,7 @@ _op_sac_save_list.add(torch.ops.coda.rmsnorm_swiglu.default)
 
 
 def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None, *, strict=False,
-                       keep_weights=True):
+                       keep_weights=False):
     reason = unsupported_reason(h, weights=(w1, w3, w2))
     if reason is not None:
         report_fallback("rmsnorm_swiglu_mlp", reason, strict)
