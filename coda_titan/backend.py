@@ -84,6 +84,32 @@ def resolve_backend(requested: str, blocker: str | None = None) -> str:
                     "CuTe DSL GEMM-epilogue kernels", "PyTorch")
 
 
+FP8_NO_KERNELS = (
+    'fp8 = "coda" has no SM90 kernels yet: set [coda] backend = "reference" to run its '
+    'PyTorch reference (slow), or fp8 = "torchao" for TorchTitan\'s float8 on the linears '
+    "CODA does not fuse"
+)
+
+
+def resolve_fp8_backend(requested: str, recipe: str) -> str:
+    """The backend for ``fp8 = "coda"``: the PyTorch reference, logged in one line.
+    Where the kernels would run (``cutedsl``, or ``auto`` on an SM90 GPU) it raises:
+    the reference there would be silently slow."""
+    if requested not in BACKENDS:
+        raise ValueError(
+            f"[coda] backend = {requested!r} is not valid; allowed values: {', '.join(BACKENDS)}"
+        )
+    reason = cutedsl_unavailable_reason()
+    if requested == "cutedsl" or (requested == "auto" and reason is None):
+        raise RuntimeError(f"[coda] backend = {requested!r} with {FP8_NO_KERNELS}")
+    note = f"CODA backend: reference (PyTorch, FP8 {recipe} GEMMs, fake-quantized)"
+    if requested == "reference":
+        logger.info(f"{note}, as configured")
+    else:
+        logger.log(fallback_level(), f"{note} because {reason}")
+    return "reference"
+
+
 def flash4_unavailable_reason() -> str | None:
     """None when flash-attn-4's SM90 kernels can run here, else why not.
     Looks ``flash_attn.cute`` up without importing it (``flash_attn`` itself is imported)."""

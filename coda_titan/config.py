@@ -9,8 +9,9 @@ bad one fails at start-up with a message naming the key and what it allows.
 from dataclasses import dataclass, field, fields
 
 from .backend import ATTENTIONS, BACKENDS
+from .kernels.fp8 import RECIPES as FP8_RECIPES
 
-FP8_MODES = ("none", "torchao")
+FP8_MODES = ("none", "torchao", "coda")
 
 
 @dataclass
@@ -40,7 +41,15 @@ class Coda:
     fp8: str = "none"
     """``none``: everything bf16. ``torchao``: fusions in bf16, and the linears
     CODA does not fuse run TorchTitan's float8 converter (list
-    ``quantize.linear.float8`` after ``coda`` in ``[model] converters``)."""
+    ``quantize.linear.float8`` after ``coda`` in ``[model] converters``).
+    ``coda``: the fused block ops' GEMMs (forward, dgrad, wgrad) in FP8 with
+    ``fp8_recipe``; the LM head stays bf16. Runs the PyTorch reference only
+    (``backend = "reference"``): there are no FP8 kernels yet."""
+
+    fp8_recipe: str = "tensorwise"
+    """With ``fp8 = "coda"``, how operands are scaled: ``tensorwise`` (one scale
+    per tensor from its amax, as TorchTitan's float8) | ``blockwise`` (1 x 128
+    blocks of activations and gradients, 128 x 128 of weights)."""
 
     loss_chunk_tokens: int = 1024
     """Tokens per chunk of the fused loss. Its memory is one chunk of logits
@@ -65,6 +74,11 @@ class Coda:
         if self.fp8 not in FP8_MODES:
             raise ValueError(
                 f"[coda] fp8 = {self.fp8!r} is not valid; allowed values: {', '.join(FP8_MODES)}"
+            )
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ValueError(
+                f"[coda] fp8_recipe = {self.fp8_recipe!r} is not valid; "
+                f"allowed values: {', '.join(FP8_RECIPES)}"
             )
         if self.loss_chunk_tokens < 1:
             raise ValueError(

@@ -14,7 +14,8 @@ no other converter may replace them):
 ``attention.wq/wk/wv`` (norm+QKV+RoPE), ``attention.wo`` (wo+residual),
 ``feed_forward.w1/w2/w3`` (norm+SwiGLU MLP) and ``output`` (norm+output+loss).
 With ``[coda] fp8 = "torchao"`` the rest go through TorchTitan's float8
-converter, whose ``filter_fqns`` must exclude the fused ones.
+converter, whose ``filter_fqns`` must exclude the fused ones; with ``fp8 =
+"coda"`` the fused ops run their GEMMs in FP8 themselves (reference only).
 """
 
 from torch import nn
@@ -24,7 +25,7 @@ from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.protocols.model_converter import register_model_converter
 from torchtitan.tools.logging import logger
 
-from .backend import resolve_attention, resolve_backend
+from .backend import resolve_attention, resolve_backend, resolve_fp8_backend
 from .config import Coda
 from .kernels import prepared_weights
 from .layers import CodaTransformerBlock, DeferredRMSNorm, FusedLMHead
@@ -107,7 +108,8 @@ class CodaConverter:
         # weights again for the backward: nothing to keep there.
         self.keep_weights = (job_config.activation_checkpoint.mode == "full"
                              and not parallel_dims.fsdp_enabled)
-        self.backend = resolve_backend(coda.backend, self.activations_blocker)
+        self.backend = (resolve_fp8_backend(coda.backend, coda.fp8_recipe) if coda.fp8 == "coda"
+                        else resolve_backend(coda.backend, self.activations_blocker))
 
     @staticmethod
     def _check_fp8_converters(coda: Coda, job_config: JobConfig) -> None:
@@ -119,6 +121,11 @@ class CodaConverter:
                     f"in [model] converters (got {converters})"
                 )
             return
+        if coda.fp8 == "coda":
+            raise ValueError(
+                f'[coda] fp8 = "coda" quantizes inside the fused ops; remove "{FLOAT8_CONVERTER}" '
+                f'from [model] converters, or set fp8 = "torchao" to combine them'
+            )
         if coda.fp8 != "torchao":
             raise ValueError(
                 f'"{FLOAT8_CONVERTER}" is in [model] converters but [coda] fp8 = '
@@ -175,6 +182,8 @@ def convert_model(model: nn.Module, coda: Coda, backend: str, attention: str | N
     from the forward to the backward (``kernels.ops_for``).
     """
     _check_llama3(model)
+    if coda.fp8 == "coda" and backend != "reference":
+        raise ValueError(f'[coda] fp8 = "coda" runs on the reference backend only, not {backend!r}')
     attention = attention or model_attention(model, coda)
     if (coda.fuse_norm_qkv_rope or coda.fuse_wo_residual or coda.fuse_norm_swiglu_mlp
             or attention != "sdpa"):
@@ -191,6 +200,7 @@ def convert_model(model: nn.Module, coda: Coda, backend: str, attention: str | N
     logger.info(
         f"CODA: converted {len(model.layers)} blocks, fusions {on or 'none'}, backend {backend}, "
         f"attention {attention}"
+        + (f", FP8 {coda.fp8_recipe} GEMMs in the fused block ops" if coda.fp8 == "coda" else "")
     )
 
 

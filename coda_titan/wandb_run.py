@@ -3,7 +3,8 @@
 TorchTitan's ``WandBLogger`` reads ``WANDB_RUN_NAME``/``WANDB_RUN_GROUP`` (and
 ``WANDB_PROJECT``, ``WANDB_MODE``) from the environment and logs the whole job
 config, ``[coda]`` included. Unless the user set them, the run is named after
-its arm (``baseline``, ``baseline-fp8``, ``coda-bf16``, ``coda-fp8``) and
+its arm (``baseline``, ``baseline-fp8``, ``coda-bf16``, ``coda-fp8`` for CODA
+with TorchTitan's float8, ``coda-fp8-<recipe>`` for ``[coda] fp8 = "coda"``) and
 flavor, and grouped by what must match for a fair comparison: model flavor,
 sequence length, batch and steps. With no wandb credentials on the machine
 (no ``WANDB_API_KEY``, no api.wandb.ai entry in ``~/.netrc``) and no
@@ -22,6 +23,9 @@ def arm_name(job_config) -> str:
     converters = job_config.model.converters
     fp8 = FLOAT8_CONVERTER in converters
     if "coda" in converters:
+        coda = job_config.coda
+        if coda.fp8 == "coda":
+            return f"coda-fp8-{coda.fp8_recipe}"
         return "coda-fp8" if fp8 else "coda-bf16"
     return "baseline-fp8" if fp8 else "baseline"
 

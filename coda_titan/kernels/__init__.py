@@ -9,6 +9,7 @@ reference is also the CPU fallback. The attention core is chosen on its own
 from functools import partial
 from types import SimpleNamespace
 
+from .fp8 import RECIPES
 from .linear_residual_sumsq import linear_residual_sumsq
 from .packed_attention import packed_attention
 from .rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy
@@ -33,15 +34,32 @@ REFERENCE = SimpleNamespace(
     rmsnorm_linear_cross_entropy=rmsnorm_linear_cross_entropy,
 )
 
+# The reference with the block ops' GEMMs under an FP8 recipe; the LM head
+# stays bf16, as TorchTitan's float8 configs keep ``output``.
+FP8_REFERENCE = {
+    recipe: SimpleNamespace(
+        rmsnorm_qkv_rope=partial(rmsnorm_qkv_rope, fp8=recipe),
+        linear_residual_sumsq=partial(linear_residual_sumsq, fp8=recipe),
+        rmsnorm_swiglu_mlp=partial(rmsnorm_swiglu_mlp, fp8=recipe),
+        rmsnorm_linear_cross_entropy=rmsnorm_linear_cross_entropy,
+    )
+    for recipe in RECIPES
+}
 
-def ops_for(backend: str, strict: bool = False, keep_weights: bool = False) -> SimpleNamespace:
+
+def ops_for(backend: str, strict: bool = False, keep_weights: bool = False,
+            fp8: str | None = None) -> SimpleNamespace:
     """The op implementations for a resolved backend (``reference`` or ``cutedsl``).
     ``strict``: a kernel op that cannot take its inputs raises instead of running
     the reference (``backend = "cutedsl"`` was asked for). ``keep_weights``: the
     kernels fold the norm weights once per parameter update and keep them from
-    the forward to the backward (``prepared_weights``), not once per call."""
+    the forward to the backward (``prepared_weights``), not once per call.
+    ``fp8``: an FP8 recipe for the block ops' GEMMs (``fp8.RECIPES``; reference
+    only, there are no FP8 kernels yet)."""
     if backend == "reference":
-        return REFERENCE
+        return REFERENCE if fp8 is None else FP8_REFERENCE[fp8]
+    if fp8 is not None:
+        raise ValueError(f"FP8 recipe {fp8!r} runs on the reference backend only, not {backend!r}")
     if backend == "cutedsl":
         from . import cutedsl
 

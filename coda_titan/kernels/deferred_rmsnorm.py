@@ -18,10 +18,13 @@ every fused op (``rmsnorm_qkv_rope``, ``rmsnorm_swiglu_mlp``,
 float32 for 16-bit inputs (the kernels' accumulator type) and in the input
 dtype otherwise, so a float64 run is exact up to rounding. GEMM operands take
 the weight's dtype (the compute dtype); activations on the residual stream
-may be wider (float32 under autocast) and keep their dtype.
+may be wider (float32 under autocast) and keep their dtype. ``fp8`` is the
+op's precision recipe for its GEMMs (``fp8.gemm``; None: bf16).
 """
 
 import torch
+
+from .fp8 import gemm
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -53,10 +56,11 @@ def fold_norm_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.T
 
 
 def deferred_norm_linear(
-    x: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor
+    x: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, fp8: str | None = None
 ) -> torch.Tensor:
     """``r * (x @ W'.T)`` in the accumulator dtype: the forward epilogue's input."""
-    return (x.to(folded_weight.dtype) @ folded_weight.t()).to(rstd.dtype) * rstd[:, None]
+    z = gemm(x.to(folded_weight.dtype), folded_weight.t(), fp8)
+    return z.to(rstd.dtype) * rstd[:, None]
 
 
 def rmsnorm_input_grad(
@@ -66,6 +70,7 @@ def rmsnorm_input_grad(
     folded_weight: torch.Tensor,
     zdz: torch.Tensor,
     residual_grad: torch.Tensor | None = None,
+    fp8: str | None = None,
 ) -> torch.Tensor:
     """``dx = r * (dz @ W') - (r**2 * c / D) * x [+ residual_grad]``, ``c = zdz``.
 
@@ -74,7 +79,7 @@ def rmsnorm_input_grad(
     """
     d = x.shape[-1]
     acc = rstd.dtype
-    dx = (dz @ folded_weight).to(acc) * rstd[:, None] - (
+    dx = gemm(dz, folded_weight, fp8, ("grad", "weight")).to(acc) * rstd[:, None] - (
         rstd.square() * zdz / d
     )[:, None] * x.to(acc)
     if residual_grad is not None:

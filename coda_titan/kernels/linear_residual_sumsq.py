@@ -17,27 +17,31 @@ linear + residual one: ``dx = dh``, ``do = dh @ Wo``, ``dWo = dh.T @ o``.
 import torch
 
 from .deferred_rmsnorm import acc_dtype, row_sumsq
+from .fp8 import gemm
 
 
 class LinearResidualSumSq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, o, weight):
+    def forward(ctx, x, o, weight, fp8):
         acc = acc_dtype(x.dtype)
-        h = (x.to(acc) + (o @ weight.t()).to(acc)).to(x.dtype)
+        h = (x.to(acc) + gemm(o, weight.t(), fp8).to(acc)).to(x.dtype)
         sumsq = row_sumsq(h)
         ctx.save_for_backward(o, weight)
         ctx.mark_non_differentiable(sumsq)
+        ctx.fp8 = fp8
         return h, sumsq
 
     @staticmethod
     def backward(ctx, dh, _dsumsq):
         o, weight = ctx.saved_tensors
         dh_c = dh.to(weight.dtype)
-        return dh, dh_c @ weight, dh_c.t() @ o
+        return (dh, gemm(dh_c, weight, ctx.fp8, ("grad", "weight")),
+                gemm(dh_c.t(), o, ctx.fp8, ("grad", "act")), None)
 
 
 def linear_residual_sumsq(
-    x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor
+    x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` (M, D), ``o`` (M, K), ``weight`` (D, K) -> ``h`` (M, D), ``sum(h**2)`` (M,)."""
-    return LinearResidualSumSq.apply(x, o, weight)
+    """``x`` (M, D), ``o`` (M, K), ``weight`` (D, K) -> ``h`` (M, D), ``sum(h**2)`` (M,).
+    ``fp8``: the GEMMs' FP8 recipe (``fp8.gemm``), None for bf16."""
+    return LinearResidualSumSq.apply(x, o, weight, fp8)

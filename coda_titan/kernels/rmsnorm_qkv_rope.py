@@ -26,6 +26,7 @@ from .deferred_rmsnorm import (
     rstd_from_sumsq,
     unfold_weight_grads,
 )
+from .fp8 import gemm
 
 
 def token_positions(
@@ -61,18 +62,18 @@ def rotate(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
 
 class RMSNormQKVRoPE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, norm_weight, wq, wk, wv, freqs_cis, positions, eps):
+    def forward(ctx, x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8):
         cos, sin = rope_tables(freqs_cis, positions, x.dtype)
         rstd = rstd_from_sumsq(row_sumsq(x), x.shape[-1], eps)
         weight = torch.cat((wq, wk, wv))
-        z = deferred_norm_linear(x, rstd, fold_norm_weight(weight, norm_weight))
+        z = deferred_norm_linear(x, rstd, fold_norm_weight(weight, norm_weight), fp8)
         nq, nk = wq.shape[0], wk.shape[0]
         qkv = torch.cat(
             (rotate(z[:, :nq], cos, sin), rotate(z[:, nq : nq + nk], cos, sin), z[:, nq + nk :]),
             dim=-1,
         ).to(weight.dtype)
         ctx.save_for_backward(x, rstd, norm_weight, weight, cos, sin, qkv)
-        ctx.splits = (nq, nk, wv.shape[0])
+        ctx.splits, ctx.fp8 = (nq, nk, wv.shape[0]), fp8
         return qkv
 
     @staticmethod
@@ -86,12 +87,13 @@ class RMSNormQKVRoPE(torch.autograd.Function):
             dim=-1,
         ).to(weight.dtype)
         folded = fold_norm_weight(weight, norm_weight)
-        dx = rmsnorm_input_grad(dz, x, rstd, folded, zdz)
+        dx = rmsnorm_input_grad(dz, x, rstd, folded, zdz, fp8=ctx.fp8)
         dweight, dnorm = unfold_weight_grads(
-            dz.t() @ normalized_input(x, rstd, weight.dtype), weight, norm_weight
+            gemm(dz.t(), normalized_input(x, rstd, weight.dtype), ctx.fp8, ("grad", "act")),
+            weight, norm_weight,
         )
         dwq, dwk, dwv = dweight.split(ctx.splits)
-        return dx, dnorm, dwq, dwk, dwv, None, None, None
+        return dx, dnorm, dwq, dwk, dwv, None, None, None, None
 
 
 def rmsnorm_qkv_rope(
@@ -103,12 +105,14 @@ def rmsnorm_qkv_rope(
     freqs_cis: torch.Tensor,
     positions: torch.Tensor,
     eps: float,
+    fp8: str | None = None,
 ) -> torch.Tensor:
     """``x`` (M, D) -> ``qkv`` (M, Nq + Nk + Nv): post-RoPE ``[q | k | v]`` packed in
     one tensor (Nq = Hq*hd, Nk = Nv = Hkv*hd), which views as (B, S, Hq + 2 Hkv, hd),
     the layout the attention core reads (``packed_attention``).
 
     ``freqs_cis`` is TorchTitan's complex RoPE table (max_seq_len, hd/2),
-    ``positions`` the (M,) int position of each token (``token_positions``).
+    ``positions`` the (M,) int position of each token (``token_positions``),
+    ``fp8`` the GEMMs' FP8 recipe (``fp8.gemm``), None for bf16.
     """
-    return RMSNormQKVRoPE.apply(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
+    return RMSNormQKVRoPE.apply(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8)

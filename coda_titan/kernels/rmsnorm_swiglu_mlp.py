@@ -28,19 +28,22 @@ from .deferred_rmsnorm import (
     rstd_from_sumsq,
     unfold_weight_grads,
 )
+from .fp8 import gemm
 
 
 class RMSNormSwiGLUMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, sumsq, norm_weight, w1, w3, w2, eps):
+    def forward(ctx, h, sumsq, norm_weight, w1, w3, w2, eps, fp8):
         h2d = h.reshape(-1, h.shape[-1])
         rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
         w13 = torch.cat((w1, w3))
-        z = deferred_norm_linear(h2d, rstd, fold_norm_weight(w13, norm_weight))
+        z = deferred_norm_linear(h2d, rstd, fold_norm_weight(w13, norm_weight), fp8)
         z1, z3 = z.chunk(2, dim=-1)
         a = (torch.nn.functional.silu(z1) * z3).to(w2.dtype)
-        out = (h.to(rstd.dtype) + (a @ w2.t()).view(h.shape).to(rstd.dtype)).to(h.dtype)
+        down = gemm(a, w2.t(), fp8).view(h.shape)
+        out = (h.to(rstd.dtype) + down.to(rstd.dtype)).to(h.dtype)
         ctx.save_for_backward(h2d, rstd, norm_weight, w13, w2, z.to(w2.dtype))
+        ctx.fp8 = fp8
         return out
 
     @staticmethod
@@ -49,23 +52,24 @@ class RMSNormSwiGLUMLP(torch.autograd.Function):
         acc, dtype = rstd.dtype, w2.dtype
         shape, dout = dout.shape, dout.reshape(h.shape)
         dout_c = dout.to(dtype)
-        da = (dout_c @ w2).to(acc)
+        da = gemm(dout_c, w2, ctx.fp8, ("grad", "weight")).to(acc)
         z1, z3 = z.to(acc).chunk(2, dim=-1)
         sig = torch.sigmoid(z1)
         silu = z1 * sig
         dz1 = da * z3 * sig * (1 + z1 * (1 - sig))
         dz3 = da * silu
         zdz = (dz1 * z1 + dz3 * z3).sum(-1)
-        dw2 = dout_c.t() @ (silu * z3).to(dtype)
+        dw2 = gemm(dout_c.t(), (silu * z3).to(dtype), ctx.fp8, ("grad", "act"))
         dz = torch.cat((dz1, dz3), dim=-1).to(dtype)
         dh = rmsnorm_input_grad(
-            dz, h, rstd, fold_norm_weight(w13, norm_weight), zdz, residual_grad=dout
+            dz, h, rstd, fold_norm_weight(w13, norm_weight), zdz, residual_grad=dout, fp8=ctx.fp8
         )
         dw13, dnorm = unfold_weight_grads(
-            dz.t() @ normalized_input(h, rstd, dtype), w13, norm_weight
+            gemm(dz.t(), normalized_input(h, rstd, dtype), ctx.fp8, ("grad", "act")),
+            w13, norm_weight,
         )
         dw1, dw3 = dw13.chunk(2)
-        return dh.view(shape), None, dnorm, dw1, dw3, dw2, None
+        return dh.view(shape), None, dnorm, dw1, dw3, dw2, None, None
 
 
 def rmsnorm_swiglu_mlp(
@@ -76,14 +80,16 @@ def rmsnorm_swiglu_mlp(
     w2: torch.Tensor,
     eps: float,
     sumsq: torch.Tensor | None = None,
+    fp8: str | None = None,
 ) -> torch.Tensor:
     """``h + w2(silu(w1(n)) * w3(n))``, ``n = RMSNorm(h)``; ``h`` is (..., D).
 
     ``sumsq`` is ``sum(h**2)`` per row (flattened to (M,)) when a producer
     already reduced it (``linear_residual_sumsq``); otherwise one row-reduction
     pass computes it. The output has ``h``'s shape and is no view (it is a
-    block's output, which FSDP hooks).
+    block's output, which FSDP hooks). ``fp8``: the GEMMs' FP8 recipe
+    (``fp8.gemm``), None for bf16.
     """
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)
-    return RMSNormSwiGLUMLP.apply(h, sumsq, norm_weight, w1, w3, w2, eps)
+    return RMSNormSwiGLUMLP.apply(h, sumsq, norm_weight, w1, w3, w2, eps, fp8)

@@ -51,6 +51,7 @@ class CodaTransformerBlock(TransformerBlock):
     ) -> None:
         self.coda = coda
         self.keep_weights = keep_weights
+        self.fp8 = coda.fp8_recipe if coda.fp8 == "coda" else None
         self.backend = backend or resolve_backend(coda.backend)
         self.attention_kernel = attention or resolve_attention(
             coda.attention, self.attention.head_dim, self.attention.attn_type
@@ -60,7 +61,7 @@ class CodaTransformerBlock(TransformerBlock):
         coda, attention = self.coda, self.attention
         # Without a backward to come (evaluation), nothing is worth keeping.
         ops = ops_for(self.backend, strict=coda.backend == "cutedsl",
-                      keep_weights=self.keep_weights and torch.is_grad_enabled())
+                      keep_weights=self.keep_weights and torch.is_grad_enabled(), fp8=self.fp8)
         bs, seqlen, dim = x.shape
         x2d = x.reshape(-1, dim)
         head_dim = attention.head_dim
