@@ -12,9 +12,10 @@
             ``[coda] attention`` from --coda-attention: ``auto`` takes flash4 on
             the packed QKV on an SM90 GPU with flash-attn-4 installed), each block
             under torch.compile(fullgraph=True)
-  coda_refold
+  coda_refold, coda_keep
             coda with the folded weights built by every pass that reads them
-            (forward, recompute, dgrad), to measure what keeping them saves
+            (forward, recompute, dgrad), or kept from the forward to the dgrad
+            whatever the AC mode: what the converter's choice costs or saves
   coda@NAME=TM,TN,CM,CN,PP[/NAME=...]
             the coda arm with GEMM tile configs replaced for this arm only
             (``TILES[NAME]``: tile M/N, cluster M/N, pingpong 0/1), to choose
@@ -144,9 +145,9 @@ def liger_arm(flavor, seq, ac):
 
 
 def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None):
-    """``keep_weights`` None: as the converter chooses (only under full AC)."""
+    """``keep_weights`` None: as the converter chooses (without AC or under full AC)."""
     model = build_model(flavor, seq)
-    keep = ac == "full" if keep_weights is None else keep_weights
+    keep = ac in ("none", "full") if keep_weights is None else keep_weights
     convert_model(model, Coda(backend="cutedsl", attention=attention, loss_chunk_tokens=8192),
                   "cutedsl", keep_weights=keep)
     model = materialize(model)
@@ -157,7 +158,8 @@ def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None):
 
 
 ARMS = {"baseline": baseline_arm, "float8": float8_arm, "liger": liger_arm, "coda": coda_arm,
-        "coda_refold": functools.partial(coda_arm, keep_weights=False)}
+        "coda_refold": functools.partial(coda_arm, keep_weights=False),
+        "coda_keep": functools.partial(coda_arm, keep_weights=True)}
 
 
 def classify(name: str) -> str:

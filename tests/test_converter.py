@@ -348,13 +348,13 @@ def test_float32_activations_keep_flash4_off(flash4_runs_here):
         converter.convert(model)
 
 
-def test_folded_weights_kept_across_passes_only_under_full_ac_and_dropped_after_steps():
+def test_folded_weights_kept_across_passes_without_ac_or_under_full_ac_and_dropped_after_steps():
     from coda_titan.kernels import prepared_weights
 
     fsdp = ParallelDims(dp_shard=2, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=2)
     full, selective = "--activation_checkpoint.mode=full", "--activation_checkpoint.mode=selective"
     for dims, ac, keep in ((single_device(), full, True), (single_device(), selective, False),
-                           (single_device(), "--activation_checkpoint.mode=none", False),
+                           (single_device(), "--activation_checkpoint.mode=none", True),
                            (fsdp, full, False)):
         model = make_model()
         converter = CodaConverter(job_config(ac), dims)

@@ -14,9 +14,10 @@ counters. Every in-place write bumps a version counter (the optimizer step,
 never read; the converter's ``post_optimizer_hook`` drops every entry as well.
 The op that reads an entry last in a step (the dgrad in the backward) takes it
 out, so in a step the prepared copies are freed while the gradients grow, and
-peak memory stays at the baseline's when the peak is there (full AC). With
-``keep=False`` nothing is kept between passes: the converter keeps only under
-full AC, and never under FSDP, which gathers the weights again for the backward.
+under full AC, where the peak is at the end of the backward, memory does not
+grow at all. With ``keep=False`` nothing is kept between passes: the converter
+keeps without AC and under full AC, not under selective AC or FSDP (which
+gathers the weights again for the backward).
 """
 
 from collections.abc import Callable, Sequence
