@@ -46,6 +46,21 @@ def fused_linear_fqns(model: Transformer, coda: Coda) -> list[str]:
     return fqns + (["output"] if coda.fuse_norm_output_loss else [])
 
 
+def keeps_folded_weights(ac_mode: str, fsdp: bool) -> bool:
+    """Whether the kernels keep the folded weights from the forward to the dgrad
+    (``kernels.prepared_weights``), by TorchTitan's AC mode.
+
+    Measured on an H200 (docs/results.md): under full AC they are then built
+    once instead of three times per layer (8B: -10 ms a step, peak unchanged,
+    as it comes at the end of the backward); without AC once instead of twice
+    (1B -2, 3B -4 ms, peak +1.2 / +3.4 GiB, still 7.2 / 1.7 GiB under
+    TorchTitan's). Not under selective AC, where CODA saves more than TorchTitan
+    already (8B seq 8192: 8.5 GiB more for ~6 ms), nor under FSDP, which gathers
+    the weights again for the backward.
+    """
+    return ac_mode in ("none", "full") and not fsdp
+
+
 def bf16_activations_reason(job_config: JobConfig, parallel_dims: ParallelDims) -> str | None:
     """Why this run's blocks will not see bf16 activations (what the kernels take), or None."""
     training = job_config.training
@@ -99,16 +114,8 @@ class CodaConverter:
         self.float8_filters = (job_config.quantize.linear.float8.filter_fqns
                                if FLOAT8_CONVERTER in job_config.model.converters else None)
         self.activations_blocker = bf16_activations_reason(job_config, parallel_dims)
-        # Keep the folded weights from the forward to the dgrad (measured on an
-        # H200, docs/results.md): under full AC they are built once instead of
-        # three times per layer (8B: -10 ms a step, peak unchanged, as it comes
-        # at the end of the backward); without AC once instead of twice (1B -2,
-        # 3B -4 ms, peak +1.2 / +3.4 GiB, still 7.2 / 1.7 GiB under TorchTitan's).
-        # Not under selective AC, where CODA saves more than TorchTitan already
-        # (8B seq 8192: 8.5 GiB more for ~6 ms), nor under FSDP, which gathers
-        # the weights again for the backward.
-        self.keep_weights = (job_config.activation_checkpoint.mode in ("none", "full")
-                             and not parallel_dims.fsdp_enabled)
+        self.keep_weights = keeps_folded_weights(job_config.activation_checkpoint.mode,
+                                                 parallel_dims.fsdp_enabled)
         self.backend = (resolve_fp8_backend(coda.backend, coda.fp8_recipe) if coda.fp8 == "coda"
                         else resolve_backend(coda.backend, self.activations_blocker))
 
@@ -152,7 +159,8 @@ class CodaConverter:
 
     def post_optimizer_hook(self, model: nn.Module | list[nn.Module]) -> None:
         """The weights changed: drop their prepared (folded) forms, built again on
-        first use. Version counters catch every other in-place update too."""
+        first use. ``torch.optim`` steps do so already (``prepared_weights``);
+        this covers any other optimizer TorchTitan is given."""
         prepared_weights.clear()
 
 

@@ -56,7 +56,7 @@ from bench_results import write_results
 
 from coda_titan.backend import ATTENTIONS
 from coda_titan.config import Coda
-from coda_titan.converter import convert_model
+from coda_titan.converter import convert_model, keeps_folded_weights
 from coda_titan.layers import CodaTransformerBlock
 from coda_titan.train_spec import build_coda_loss, coda_llama3_args
 
@@ -145,9 +145,9 @@ def liger_arm(flavor, seq, ac):
 
 
 def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None):
-    """``keep_weights`` None: as the converter chooses (without AC or under full AC)."""
+    """``keep_weights`` None: as the converter chooses."""
     model = build_model(flavor, seq)
-    keep = ac in ("none", "full") if keep_weights is None else keep_weights
+    keep = keeps_folded_weights(ac.partition("-")[0], False) if keep_weights is None else keep_weights
     convert_model(model, Coda(backend="cutedsl", attention=attention, loss_chunk_tokens=8192),
                   "cutedsl", keep_weights=keep)
     model = materialize(model)
@@ -174,14 +174,13 @@ def classify(name: str) -> str:
 @contextlib.contextmanager
 def tiles_replaced(arm: str):
     """``coda@dswiglu=128,128,2,1,1/...``: those TILES entries replaced while the arm runs."""
-    from coda_titan.kernels.cutedsl.gemm import TILES
+    from coda_titan.kernels.cutedsl.gemm import TILES, _cfg
 
     overrides = {}
     for item in arm.partition("@")[2].split("/") if "@" in arm else []:
         name, _, values = item.partition("=")
         tile_m, tile_n, cluster_m, cluster_n, pingpong = (int(v) for v in values.split(","))
-        overrides[name] = dict(tile_M=tile_m, tile_N=tile_n, cluster_M=cluster_m,
-                               cluster_N=cluster_n, pingpong=bool(pingpong))
+        overrides[name] = _cfg(tile_m, tile_n, cluster_m, cluster_n, bool(pingpong))
     saved = {name: dict(TILES[name]) for name in overrides}
     for name, cfg in overrides.items():
         TILES[name].update(cfg)  # in place: the ops hold these dicts

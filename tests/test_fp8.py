@@ -62,6 +62,13 @@ def test_blockwise_keeps_an_outlier_channel_local_and_everything_saturates_finit
             assert q.float().abs().max() == torch.finfo(FORMATS[kind]).max
 
 
+def test_a_tiny_amax_quantizes_finite():
+    x = torch.zeros(2, 256)
+    x[0, 0] = 1e-39  # fmax / amax would overflow to inf
+    for recipe in RECIPES:
+        assert torch.isfinite(fake_quantize(x, "grad", recipe)).all()
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_gemm_against_float64(recipe):
     torch.manual_seed(1)
@@ -127,6 +134,31 @@ def test_fused_ops_in_fp8_against_float64(recipe, case):
         assert rel_err(p, t) < 1e-5, (name, i)
     for i in (0, -1):
         assert rel_err(fp8[i], plain[i]) > 1e-3, (name, i)
+
+
+# The operand formats of each fused op's GEMMs, in call order: e4m3 for
+# activations and weights, e5m2 for gradients.
+KINDS = {
+    "rmsnorm_qkv_rope": ["act", "weight",                   # qkv = x @ W'.T
+                         "grad", "weight", "grad", "act"],  # dgrad dz @ W', wgrad dz.T @ x_hat
+    "linear_residual_sumsq": ["act", "weight", "grad", "weight", "grad", "act"],
+    "rmsnorm_swiglu_mlp": ["act", "weight", "act", "weight",  # w1/w3, w2
+                           "grad", "weight", "grad", "act",   # da = dout @ W2, dW2
+                           "grad", "weight", "grad", "act"],  # dgrad and wgrad of w1/w3
+}
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_each_gemm_operand_gets_its_format(case, monkeypatch):
+    from coda_titan.kernels import fp8
+
+    kinds = []
+    quantize_one = fp8.fake_quantize
+    monkeypatch.setattr(fp8, "fake_quantize", lambda x, kind, recipe: kinds.append(kind)
+                        or quantize_one(x, kind, recipe))
+    name, fn, inputs, out_shape = fused_cases(torch.float32)[case]
+    outputs_and_grads(fn, "tensorwise", inputs, torch.randn(out_shape))
+    assert kinds == KINDS[name]
 
 
 def test_ops_for_fp8_is_reference_only():

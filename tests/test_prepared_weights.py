@@ -71,9 +71,26 @@ def test_dead_sources_do_not_pin_their_entries():
     assert pw.count() == 1
 
 
-def test_same_address_new_storage_is_rebuilt():
-    w = torch.zeros(8)
-    build = Builder(w)
-    pw.prepared("fold", [w], build)
-    w.set_(torch.ones(8).untyped_storage())  # new storage, version may repeat
-    assert pw.prepared("fold", [w], build).item() == 8
+def test_a_new_storage_at_the_same_address_and_version_is_rebuilt():
+    memory = bytearray(32)
+    old = torch.frombuffer(memory, dtype=torch.float32)
+    pw.prepared("fold", [old], Builder(old))
+    del old
+    memory[:4] = torch.tensor([5.0]).numpy().tobytes()
+    new = torch.frombuffer(memory, dtype=torch.float32)  # same pointer, version 0
+    assert new._version == 0
+    assert pw.prepared("fold", [new], Builder(new)).item() == 5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_every_optimizer_step_drops_the_entries(fused):
+    """Fused optimizers write the parameters without bumping version counters."""
+    model = nn.Linear(3, 4, bias=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    build = Builder(model.weight)
+    pw.prepared("fold", [model.weight], build)
+    model.weight.grad = torch.ones_like(model.weight)
+    optimizer.step()
+    assert pw.count() == 0
+    pw.prepared("fold", [model.weight], build)
+    assert build.builds == 2

@@ -17,13 +17,16 @@ Forward operands (activations, weights) are e4m3 (FMAX 448), gradients e5m2
   epilogue can compute it locally). K not a multiple of 128 ends in a short block.
 
 The reference dequantizes and multiplies in float32 (float64 inputs stay
-float64), which is what a kernel with fp32 accumulation computes up to the
-order of the sums, and returns ``a``'s dtype as the bf16 GEMM does.
+float64), which is what a kernel with fp32 accumulation computes from the same
+quantized operands up to the order of the sums, and returns ``a``'s dtype as
+the bf16 GEMM does. Which operands are quantized is the fused op's choice
+(each op's ``gemm`` calls): a kernel must quantize the same ones to match.
 """
 
 import torch
 
 RECIPES = ("tensorwise", "blockwise")
+AMAX_FLOOR = 1e-12
 BLOCK = 128
 FORMATS = {"act": torch.float8_e4m3fn, "weight": torch.float8_e4m3fn, "grad": torch.float8_e5m2}
 
@@ -46,8 +49,9 @@ def quantize(x: torch.Tensor, kind: str, recipe: str) -> tuple[torch.Tensor, tor
     rows, k = x.shape
     pad = torch.nn.functional.pad(x.detach().abs().float(), (0, -k % bk, 0, -rows % br))
     amax = pad.view(pad.shape[0] // br, br, pad.shape[1] // bk, bk).amax(dim=(1, 3))
-    # An all-zero block quantizes to zeros with any scale.
-    scale = torch.where(amax > 0, fmax / amax, torch.ones_like(amax))
+    # An all-zero block quantizes to zeros with any scale; a tiny amax would make
+    # fmax / amax overflow (then 0 * inf = NaN), so it is floored.
+    scale = torch.where(amax > 0, fmax / amax.clamp_min(AMAX_FLOOR), torch.ones_like(amax))
     compute = _compute_dtype(x)
     scaled = x.to(compute) * _expand(scale, br, bk, x.shape).to(compute)
     return scaled.clamp(-fmax, fmax).to(dtype), scale

@@ -1,29 +1,34 @@
-"""Weight preparation once per optimizer step, shared by the fused ops.
+"""Weight preparation kept from the forward to the backward, for the fused ops.
 
 A fused GEMM reads its projections stacked (wq/wk/wv concatenated, w1/w3
-interleaved) with the norm weight folded in, ``W' = stack(W) * g``; an FP8
-recipe adds a cast, a transpose and scales. That work depends only on the
-parameters, so it is built on first use after each parameter update and then
-reused by the forward, the activation-checkpointing recompute and the
-backward's dgrad, instead of once by each (three times per layer under full
-AC).
+interleaved) with the norm weight folded in, ``W' = stack(W) * g``. That work
+depends only on the parameters, so with ``keep`` it is built on first use after
+a parameter update and reused by the activation-checkpointing recompute and
+the backward's dgrad, instead of once by each (three times per layer under
+full AC). Weight work an FP8 kernel would add (cast, transpose, scales) is of
+the same kind, under its own tag.
 
-An entry is valid while its sources are the same storages at the same version
-counters. Every in-place write bumps a version counter (the optimizer step,
-``load_state_dict``, ``init_weights``, a checkpoint load), so a stale entry is
-never read; the converter's ``post_optimizer_hook`` drops every entry as well.
+A stale entry is never read:
+- every ``torch.optim`` optimizer step drops all entries (a global step hook:
+  fused optimizers write the parameters without bumping their version counters);
+- an entry is valid only while its sources are the same storages at the same
+  version counters, which every other in-place update bumps
+  (``load_state_dict``, ``init_weights``, a checkpoint load); writes through
+  ``.data`` are not seen, as autograd does not see them either.
 The op that reads an entry last in a step (the dgrad in the backward) takes it
-out, so in a step the prepared copies are freed while the gradients grow, and
-under full AC, where the peak is at the end of the backward, memory does not
-grow at all. With ``keep=False`` nothing is kept between passes: the converter
-keeps without AC and under full AC, not under selective AC or FSDP (which
-gathers the weights again for the backward).
+out, so the prepared copies are freed while the gradients grow; under full AC,
+where the peak is at the end of the backward, memory does not grow at all.
+With ``keep=False`` nothing is kept between passes. The converter keeps without
+AC and under full AC, not under selective AC or FSDP (which gathers the weights
+again for the backward). Not for CUDA-graph capture: a hit while capturing
+records no fold, so replays would read the captured weights.
 """
 
 from collections.abc import Callable, Sequence
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 _ENTRIES: dict[tuple, tuple[tuple, list[StorageWeakRef], torch.Tensor]] = {}
 
@@ -68,6 +73,9 @@ def taken(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], torch.T
 def clear() -> None:
     """Drop every prepared weight (after an optimizer step)."""
     _ENTRIES.clear()
+
+
+register_optimizer_step_post_hook(lambda *_: clear())
 
 
 def count() -> int:

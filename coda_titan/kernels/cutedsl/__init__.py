@@ -25,7 +25,7 @@ def _bound(strict: bool, keep_weights: bool) -> SimpleNamespace:
 
 # By (strict, keep_weights). strict: raise where the reference would run
 # (``backend = "cutedsl"``). keep_weights: the folded weights stay prepared from
-# the forward to the dgrad (``..prepared_weights``); off under FSDP, which
-# gathers the weights again for the backward.
+# the forward to the dgrad (``..prepared_weights``; the converter's choice,
+# ``converter.keeps_folded_weights``).
 BOUND_OPS = {flags: _bound(*flags) for flags in product((False, True), repeat=2)}
 OPS = BOUND_OPS[False, False]

@@ -60,9 +60,9 @@ TILES = {
 # (wq/wk/wv concatenated, w1/w3 with rows interleaved) stacked, the norm
 # weight folded in, and the reverse for the gradients, each one pass fused by
 # Inductor (eager PyTorch would make several passes over V x D fp32
-# temporaries). The block ops fold through ``folded_weight``, once per
-# parameter update; the custom ops keep them opaque to whatever traces the
-# backward formulas.
+# temporaries). The block ops fold through ``folded_weight`` (kept across
+# passes where the converter chooses so); the custom ops keep them opaque to
+# whatever traces the backward formulas.
 def stack_rows(weights: list[torch.Tensor], interleave: bool) -> torch.Tensor:
     """[W1; W2; ...] or, interleaved, [W1[0]; W2[0]; W1[1]; W2[1]; ...]."""
     return torch.stack(weights, dim=1).flatten(0, 1) if interleave else torch.cat(weights)
@@ -85,10 +85,10 @@ def _unfold_grads(folded_grad, weights, norm_weight, interleave: bool):
 
 def folded_weight(weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
                   keep: bool = False, last: bool = False) -> torch.Tensor:
-    """``stack_rows(weights) * g``, built once per parameter update and shared by
-    the forward, the AC recompute and the dgrad (``..prepared_weights``); ``last``:
-    the dgrad, which releases it. Called only inside custom ops: the tensor it
-    returns must not become a graph value, which Inductor could reuse as scratch."""
+    """``stack_rows(weights) * g``; with ``keep``, built once per parameter update and
+    shared by the forward, the AC recompute and the dgrad (``..prepared_weights``).
+    ``last``: the dgrad, which releases it. Called only inside custom ops: the tensor
+    it returns must not become a graph value, which Inductor could reuse as scratch."""
     def build():
         return _fold_weight(weights, norm_weight, interleave)
 

@@ -2,7 +2,7 @@
 
 With ``dzr = r * dz`` (the incoming gradient already scaled by the deferred
 rstd), ``c_r = r**2 * sum(dz * z)`` per row and the folded weight ``W'``
-(the forward's, prepared once per step; this dgrad is its last reader)::
+(the forward's where it was kept; this dgrad is its last reader)::
 
     dx = dzr @ W' - (c_r / D) * x [+ residual_grad]
 
