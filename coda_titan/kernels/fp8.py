@@ -38,34 +38,38 @@ def _blocks(x: torch.Tensor, kind: str, recipe: str) -> tuple[int, int]:
     return (BLOCK if kind == "weight" else 1), BLOCK
 
 
+def _blocked(x: torch.Tensor, br: int, bk: int) -> torch.Tensor:
+    """``x`` (rows, K) zero-padded to whole blocks, viewed (rows/br, br, K/bk, bk)."""
+    rows, k = x.shape
+    padded = torch.nn.functional.pad(x, (0, -k % bk, 0, -rows % br))
+    return padded.view(padded.shape[0] // br, br, padded.shape[1] // bk, bk)
+
+
+def _unblocked(blocks: torch.Tensor, shape) -> torch.Tensor:
+    return blocks.reshape(blocks.shape[0] * blocks.shape[1], -1)[: shape[0], : shape[1]]
+
+
 def quantize(x: torch.Tensor, kind: str, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, s)`` for a 2-D ``x`` (rows, K): ``q`` in the kind's FP8 format, ``s``
-    one scale per block, (ceil(rows / br), ceil(K / bk)) in float32."""
+    one scale per block, (ceil(rows / br), ceil(K / bk)), in the compute dtype."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown FP8 recipe {recipe!r}; expected one of {RECIPES}")
     dtype = FORMATS[kind]
     fmax = torch.finfo(dtype).max
-    br, bk = _blocks(x, kind, recipe)
-    rows, k = x.shape
-    pad = torch.nn.functional.pad(x.detach().abs().float(), (0, -k % bk, 0, -rows % br))
-    amax = pad.view(pad.shape[0] // br, br, pad.shape[1] // bk, bk).amax(dim=(1, 3))
+    blocks = _blocked(x.to(_compute_dtype(x)), *_blocks(x, kind, recipe))
+    amax = blocks.detach().abs().amax(dim=(1, 3), keepdim=True)
     # An all-zero block quantizes to zeros with any scale; a tiny amax would make
     # fmax / amax overflow (then 0 * inf = NaN), so it is floored.
     scale = torch.where(amax > 0, fmax / amax.clamp_min(AMAX_FLOOR), torch.ones_like(amax))
-    compute = _compute_dtype(x)
-    scaled = x.to(compute) * _expand(scale, br, bk, x.shape).to(compute)
-    return scaled.clamp(-fmax, fmax).to(dtype), scale
+    q = (blocks * scale).clamp(-fmax, fmax).to(dtype)
+    return _unblocked(q, x.shape), scale[:, 0, :, 0]
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, kind: str, recipe: str,
                dtype: torch.dtype) -> torch.Tensor:
     """``q / s`` in ``dtype``."""
-    br, bk = _blocks(q, kind, recipe)
-    return q.to(dtype) / _expand(scale, br, bk, q.shape).to(dtype)
-
-
-def _expand(scale: torch.Tensor, br: int, bk: int, shape) -> torch.Tensor:
-    return scale.repeat_interleave(br, 0).repeat_interleave(bk, 1)[: shape[0], : shape[1]]
+    blocks = _blocked(q.to(dtype), *_blocks(q, kind, recipe))
+    return _unblocked(blocks / scale[:, None, :, None].to(dtype), q.shape)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
