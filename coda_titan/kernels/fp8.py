@@ -49,9 +49,9 @@ def _unblocked(blocks: torch.Tensor, shape) -> torch.Tensor:
     return blocks.reshape(blocks.shape[0] * blocks.shape[1], -1)[: shape[0], : shape[1]]
 
 
-def quantize(x: torch.Tensor, kind: str, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q, s)`` for a 2-D ``x`` (rows, K): ``q`` in the kind's FP8 format, ``s``
-    one scale per block, (ceil(rows / br), ceil(K / bk)), in the compute dtype."""
+def _quantized_blocks(x: torch.Tensor, kind: str, recipe: str):
+    """``(q, s)`` on the block view of ``x``: ``q`` (rows/br, br, K/bk, bk) in the
+    kind's FP8 format, ``s`` broadcastable to it, in the compute dtype."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown FP8 recipe {recipe!r}; expected one of {RECIPES}")
     dtype = FORMATS[kind]
@@ -61,15 +61,14 @@ def quantize(x: torch.Tensor, kind: str, recipe: str) -> tuple[torch.Tensor, tor
     # An all-zero block quantizes to zeros with any scale; a tiny amax would make
     # fmax / amax overflow (then 0 * inf = NaN), so it is floored.
     scale = torch.where(amax > 0, fmax / amax.clamp_min(AMAX_FLOOR), torch.ones_like(amax))
-    q = (blocks * scale).clamp(-fmax, fmax).to(dtype)
+    return (blocks * scale).clamp(-fmax, fmax).to(dtype), scale
+
+
+def quantize(x: torch.Tensor, kind: str, recipe: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, s)`` for a 2-D ``x`` (rows, K): ``q`` in the kind's FP8 format, ``s``
+    one scale per block, (ceil(rows / br), ceil(K / bk)), in the compute dtype."""
+    q, scale = _quantized_blocks(x, kind, recipe)
     return _unblocked(q, x.shape), scale[:, 0, :, 0]
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, kind: str, recipe: str,
-               dtype: torch.dtype) -> torch.Tensor:
-    """``q / s`` in ``dtype``."""
-    blocks = _blocked(q.to(dtype), *_blocks(q, kind, recipe))
-    return _unblocked(blocks / scale[:, None, :, None].to(dtype), q.shape)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -77,8 +76,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def fake_quantize(x: torch.Tensor, kind: str, recipe: str) -> torch.Tensor:
-    """``x`` through FP8 and back, in the compute dtype (float32; float64 stays)."""
-    return dequantize(*quantize(x, kind, recipe), kind, recipe, _compute_dtype(x))
+    """``x`` through FP8 and back (``q / s``), in the compute dtype (float32; float64 stays)."""
+    q, scale = _quantized_blocks(x, kind, recipe)
+    return _unblocked(q.to(scale.dtype) / scale, x.shape)
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, fp8: str | None,

@@ -75,9 +75,9 @@ def clear() -> None:
     _ENTRIES.clear()
 
 
-register_optimizer_step_post_hook(lambda *_: clear())
-
-
 def count() -> int:
     """How many prepared weights are held."""
     return len(_ENTRIES)
+
+
+register_optimizer_step_post_hook(lambda *_: clear())

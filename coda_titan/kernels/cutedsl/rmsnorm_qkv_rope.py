@@ -21,7 +21,6 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import torch
-from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from cutlass import Float32
 from quack import copy_utils
 from quack.cache import jit_cache
@@ -32,6 +31,7 @@ from quack.epilogue.ops import ColVecLoad, RowVecLoad
 from quack.epilogue.rotary import _angle_turns, _sincos_turns, make_interleaved_inv_freq
 from quack.reduce import row_reduce
 from torch.utils.weak import WeakTensorKeyDictionary
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
 from ..fallback import report_fallback
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference

@@ -27,11 +27,11 @@ of TorchTitan's own block.
 """
 
 import torch
-from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from quack.activation import dswiglu, swiglu
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, ColVecReduce
+from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
 from ..fallback import report_fallback
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
