@@ -84,24 +84,27 @@ def resolve_backend(requested: str, blocker: str | None = None) -> str:
                     "CuTe DSL GEMM-epilogue kernels", "PyTorch")
 
 
-FP8_NO_KERNELS = (
-    'fp8 = "coda" has no SM90 kernels yet: set [coda] backend = "reference" to run its '
-    'PyTorch reference (slow), or fp8 = "torchao" for TorchTitan\'s float8 on the linears '
-    "CODA does not fuse"
-)
+# The FP8 recipes (``kernels.fp8.RECIPES``) the CuTe DSL kernels implement.
+FP8_KERNEL_RECIPES = ("tensorwise",)
 
 
-def resolve_fp8_backend(requested: str, recipe: str) -> str:
-    """The backend for ``fp8 = "coda"``: the PyTorch reference, logged in one line.
-    Where the kernels would run (``cutedsl``, or ``auto`` on an SM90 GPU) it raises:
-    the reference there would be silently slow."""
+def resolve_fp8_backend(requested: str, recipe: str, blocker: str | None = None) -> str:
+    """The backend for ``fp8 = "coda"``, logged in one line. A recipe with kernels
+    resolves as ``resolve_backend``; one without runs the PyTorch reference, and
+    where the kernels would run (``cutedsl``, or ``auto`` on an SM90 GPU) it
+    raises: the reference there would be silently slow."""
+    if recipe in FP8_KERNEL_RECIPES:
+        return resolve_backend(requested, blocker)
     if requested not in BACKENDS:
         raise ValueError(
             f"[coda] backend = {requested!r} is not valid; allowed values: {', '.join(BACKENDS)}"
         )
     reason = cutedsl_unavailable_reason()
     if requested == "cutedsl" or (requested == "auto" and reason is None):
-        raise RuntimeError(f"[coda] backend = {requested!r} with {FP8_NO_KERNELS}")
+        raise RuntimeError(
+            f'[coda] backend = {requested!r} with fp8_recipe = {recipe!r}: that recipe has no '
+            f'SM90 kernels (they implement {", ".join(FP8_KERNEL_RECIPES)}). Use fp8_recipe = '
+            f'"tensorwise", or backend = "reference" to run its PyTorch reference (slow)')
     note = f"CODA backend: reference (PyTorch, FP8 {recipe} GEMMs, fake-quantized)"
     if requested == "reference":
         logger.info(f"{note}, as configured")

@@ -43,8 +43,9 @@ class Coda:
     CODA does not fuse run TorchTitan's float8 converter (list
     ``quantize.linear.float8`` after ``coda`` in ``[model] converters``).
     ``coda``: the fused block ops' GEMMs (forward, dgrad, wgrad) in FP8 with
-    ``fp8_recipe``; the LM head stays bf16. Runs the PyTorch reference only
-    (``backend = "reference"``): there are no FP8 kernels yet."""
+    ``fp8_recipe``, quantized inside the ops; the LM head stays bf16. The
+    kernels implement ``tensorwise``; ``blockwise`` runs the PyTorch reference
+    only (``backend = "reference"``)."""
 
     fp8_recipe: str = "tensorwise"
     """With ``fp8 = "coda"``, how operands are scaled: ``tensorwise`` (one scale

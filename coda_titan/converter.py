@@ -15,7 +15,7 @@ no other converter may replace them):
 ``feed_forward.w1/w2/w3`` (norm+SwiGLU MLP) and ``output`` (norm+output+loss).
 With ``[coda] fp8 = "torchao"`` the rest go through TorchTitan's float8
 converter, whose ``filter_fqns`` must exclude the fused ones; with ``fp8 =
-"coda"`` the fused ops run their GEMMs in FP8 themselves (reference only).
+"coda"`` the fused ops run their GEMMs in FP8 themselves.
 """
 
 from torch import nn
@@ -25,7 +25,8 @@ from torchtitan.models.llama3.model.model import Transformer
 from torchtitan.protocols.model_converter import register_model_converter
 from torchtitan.tools.logging import logger
 
-from .backend import resolve_attention, resolve_backend, resolve_fp8_backend
+from .backend import (
+    FP8_KERNEL_RECIPES, resolve_attention, resolve_backend, resolve_fp8_backend)
 from .config import Coda
 from .kernels import prepared_weights
 from .layers import CodaTransformerBlock, DeferredRMSNorm, FusedLMHead
@@ -116,8 +117,9 @@ class CodaConverter:
         self.activations_blocker = bf16_activations_reason(job_config, parallel_dims)
         self.keep_weights = keeps_folded_weights(job_config.activation_checkpoint.mode,
                                                  parallel_dims.fsdp_enabled)
-        self.backend = (resolve_fp8_backend(coda.backend, coda.fp8_recipe) if coda.fp8 == "coda"
-                        else resolve_backend(coda.backend, self.activations_blocker))
+        self.backend = (
+            resolve_fp8_backend(coda.backend, coda.fp8_recipe, self.activations_blocker)
+            if coda.fp8 == "coda" else resolve_backend(coda.backend, self.activations_blocker))
 
     @staticmethod
     def _check_fp8_converters(coda: Coda, job_config: JobConfig) -> None:
@@ -191,8 +193,9 @@ def convert_model(model: nn.Module, coda: Coda, backend: str, attention: str | N
     from the forward to the backward (``kernels.ops_for``).
     """
     _check_llama3(model)
-    if coda.fp8 == "coda" and backend != "reference":
-        raise ValueError(f'[coda] fp8 = "coda" runs on the reference backend only, not {backend!r}')
+    if coda.fp8 == "coda" and backend != "reference" and coda.fp8_recipe not in FP8_KERNEL_RECIPES:
+        raise ValueError(f'[coda] fp8_recipe = {coda.fp8_recipe!r} runs on the reference backend '
+                         f'only, not {backend!r}')
     attention = attention or model_attention(model, coda)
     if (coda.fuse_norm_qkv_rope or coda.fuse_wo_residual or coda.fuse_norm_swiglu_mlp
             or attention != "sdpa"):

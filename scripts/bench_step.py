@@ -16,6 +16,8 @@
             coda with the folded weights built by every pass that reads them
             (forward, recompute, dgrad), or kept from the forward to the dgrad
             whatever the AC mode: what the converter's choice costs or saves
+  coda_fp8  coda with ``[coda] fp8 = "coda"``: every GEMM of the fused block ops
+            in FP8 (tensorwise; the LM head bf16), as configs/llama3_*_coda_fp8.toml
   coda@NAME=TM,TN,CM,CN,PP[/NAME=...]
             the coda arm with GEMM tile configs replaced for this arm only
             (``TILES[NAME]``: tile M/N, cluster M/N, pingpong 0/1), to choose
@@ -144,11 +146,13 @@ def liger_arm(flavor, seq, ac):
     return model, loss_fn
 
 
-def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None):
-    """``keep_weights`` None: as the converter chooses."""
+def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None, fp8="none"):
+    """``keep_weights`` None: as the converter chooses. ``fp8 = "coda"``: the FP8
+    tensorwise kernels (``configs/llama3_*_coda_fp8.toml``)."""
     model = build_model(flavor, seq)
     keep = keeps_folded_weights(ac.partition("-")[0], False) if keep_weights is None else keep_weights
-    convert_model(model, Coda(backend="cutedsl", attention=attention, loss_chunk_tokens=8192),
+    convert_model(model, Coda(backend="cutedsl", attention=attention, loss_chunk_tokens=8192,
+                              fp8=fp8),
                   "cutedsl", keep_weights=keep)
     model = materialize(model)
     wrap_blocks(model, ac, compile=True)
@@ -159,7 +163,8 @@ def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None):
 
 ARMS = {"baseline": baseline_arm, "float8": float8_arm, "liger": liger_arm, "coda": coda_arm,
         "coda_refold": functools.partial(coda_arm, keep_weights=False),
-        "coda_keep": functools.partial(coda_arm, keep_weights=True)}
+        "coda_keep": functools.partial(coda_arm, keep_weights=True),
+        "coda_fp8": functools.partial(coda_arm, fp8="coda")}
 
 
 def classify(name: str) -> str:
@@ -285,15 +290,16 @@ def main():
               f"{rec['tok_s'] / 1e3:.1f}k tok/s, peak {rec['peak_gib']:.1f} GiB, first loss "
               f"{rec['first_loss']:.4f} | profile gemm {prof['gemm']:.1f} attention "
               f"{prof['attention']:.1f} other {prof['other']:.1f} ms", flush=True)
-    base = next((r for r in records if r["arm"] == "baseline"), None)
-    if base:
-        for r in records:
-            r["speedup_vs_baseline"] = base["step_ms"] / r["step_ms"]
-    table = ["| arm | attention | step ms | tok/s | speedup | peak GiB | GEMM ms | attention ms | "
-             "other ms |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    for ref in ("baseline", "float8"):
+        base = next((r for r in records if r["arm"] == ref), None)
+        for r in records if base else ():
+            r[f"speedup_vs_{ref}"] = base["step_ms"] / r["step_ms"]
+    table = ["| arm | attention | step ms | tok/s | vs baseline | vs float8 | peak GiB | GEMM ms | "
+             "attention ms | other ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['arm']} | {r['attention']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
-              f"{r.get('speedup_vs_baseline', float('nan')):.3f} | {r['peak_gib']:.1f} | "
+              f"{r.get('speedup_vs_baseline', float('nan')):.3f} | "
+              f"{r.get('speedup_vs_float8', float('nan')):.3f} | {r['peak_gib']:.1f} | "
               f"{r['profile_ms']['gemm']:.1f} | {r['profile_ms']['attention']:.1f} | "
               f"{r['profile_ms']['other']:.1f} |" for r in records]
     write_results(args.out, f"step_{args.flavor.lower()}",

@@ -8,6 +8,7 @@ two e4m3 operands then lands within ~4% (relative Frobenius error, seen 3.7%)
 of float64, one with an e5m2 gradient within ~6%.
 """
 
+import importlib.util
 import logging
 
 import pytest
@@ -161,12 +162,15 @@ def test_each_gemm_operand_gets_its_format(case, monkeypatch):
     assert kinds == KINDS[name]
 
 
-def test_ops_for_fp8_is_reference_only():
+def test_ops_for_fp8():
     ops = ops_for("reference", fp8="blockwise")
     assert ops.rmsnorm_swiglu_mlp.keywords == {"fp8": "blockwise"}
     assert ops.rmsnorm_linear_cross_entropy is REFERENCE.rmsnorm_linear_cross_entropy
-    with pytest.raises(ValueError, match="reference backend only"):
-        ops_for("cutedsl", fp8="tensorwise")
+    if importlib.util.find_spec("quack") is None:
+        return
+    with pytest.raises(ValueError, match="'blockwise' has no SM90 kernels"):
+        ops_for("cutedsl", fp8="blockwise")
+    assert ops_for("cutedsl", fp8="tensorwise").rmsnorm_swiglu_mlp.keywords["fp8"] == "tensorwise"
 
 
 def test_fp8_config_values_checked():
@@ -185,13 +189,17 @@ def test_fp8_coda_runs_the_reference_and_says_so(caplog):
         model = make_model()
         converter.convert(model)
     assert converter.backend == "reference"
-    assert any("FP8 tensorwise GEMMs, fake-quantized) because no CUDA device" in r.message
+    assert any("backend: reference (PyTorch) because no CUDA device" in r.message
+               for r in caplog.records)
+    assert any("backend reference, attention sdpa, FP8 tensorwise GEMMs" in r.message
                for r in caplog.records)
     assert all(block.fp8 == "tensorwise" for block in model.layers.values())
 
 
 @pytest.mark.parametrize("args, error, message", [
-    (("--coda.backend=cutedsl",), RuntimeError, 'has no SM90 kernels yet: set .coda. backend = "reference"'),
+    (("--coda.backend=cutedsl",), RuntimeError, "'cutedsl' cannot run here: no CUDA device"),
+    (("--coda.backend=cutedsl", "--coda.fp8_recipe=blockwise"), RuntimeError,
+     "'blockwise': that recipe has no SM90 kernels .they implement tensorwise."),
     (("--model.converters=coda,quantize.linear.float8",), ValueError,
      'quantizes inside the fused ops; remove "quantize.linear.float8"'),
 ])
@@ -202,10 +210,12 @@ def test_fp8_coda_errors_at_start_up(args, error, message):
 
 def test_fp8_coda_refuses_to_run_slowly_where_the_kernels_would(monkeypatch):
     monkeypatch.setattr(backend_module, "cutedsl_unavailable_reason", lambda: None)
-    with pytest.raises(RuntimeError, match="backend = 'auto' with fp8 = \"coda\" has no SM90"):
-        CodaConverter(job_config("--coda.fp8=coda", "--coda.backend=auto"), single_device())
-    with pytest.raises(ValueError, match="reference backend only, not 'cutedsl'"):
-        convert_model(make_model(), Coda(fp8="coda"), "cutedsl")
+    with pytest.raises(RuntimeError, match="backend = 'auto' with fp8_recipe = 'blockwise'"):
+        CodaConverter(job_config("--coda.fp8=coda", "--coda.fp8_recipe=blockwise",
+                                 "--coda.backend=auto"), single_device())
+    assert backend_module.resolve_fp8_backend("auto", "tensorwise") == "cutedsl"
+    with pytest.raises(ValueError, match="'blockwise' runs on the reference backend only, not 'cutedsl'"):
+        convert_model(make_model(), Coda(fp8="coda", fp8_recipe="blockwise"), "cutedsl")
 
 
 def test_fp8_block_compiles_fullgraph_under_full_ac():

@@ -125,10 +125,8 @@ def test_linear_residual_sumsq_kernel(m, d, k):
     check(OPS.linear_residual_sumsq, REFERENCE.linear_residual_sumsq, [x, o, w], [grad_out])
 
 
-@pytest.mark.parametrize("batch,seqlen,d,hq,hkv", [(1, 1531, 256, 4, 2), (2, 2048, 2048, 32, 8),
-                                                   (1, 2053, 4096, 32, 8)])
-def test_rmsnorm_qkv_rope_kernel(batch, seqlen, d, hq, hkv):
-
+def qkv_rope_inputs(batch, seqlen, d, hq, hkv):
+    """([x, g, wq, wk, wv], freqs_cis, positions, [grad]) on fresh random values."""
     from coda_titan.kernels import token_positions
 
     torch.manual_seed(seqlen)
@@ -141,6 +139,15 @@ def test_rmsnorm_qkv_rope_kernel(batch, seqlen, d, hq, hkv):
     positions = token_positions(batch, seqlen, torch.randint(0, 8192, (batch, seqlen), device=dev),
                                 dev)
     grads = [torch.randn(batch * seqlen, (hq + 2 * hkv) * hd, device=dev, dtype=bf)]
+    return [x, g, wq, wk, wv], freqs_cis, positions, grads
+
+
+QKV_SHAPES = [(1, 1531, 256, 4, 2), (2, 2048, 2048, 32, 8), (1, 2053, 4096, 32, 8)]
+
+
+@pytest.mark.parametrize("batch,seqlen,d,hq,hkv", QKV_SHAPES)
+def test_rmsnorm_qkv_rope_kernel(batch, seqlen, d, hq, hkv):
+    (x, g, wq, wk, wv), freqs_cis, positions, grads = qkv_rope_inputs(batch, seqlen, d, hq, hkv)
 
     def kernel(x, g, wq, wk, wv):
         return OPS.rmsnorm_qkv_rope(x, g, wq, wk, wv, freqs_cis, positions, 1e-5)

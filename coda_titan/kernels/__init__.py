@@ -54,16 +54,17 @@ def ops_for(backend: str, strict: bool = False, keep_weights: bool = False,
     the reference (``backend = "cutedsl"`` was asked for). ``keep_weights``: the
     kernels fold the norm weights once per parameter update and keep them from
     the forward to the backward (``prepared_weights``), not once per call.
-    ``fp8``: an FP8 recipe for the block ops' GEMMs (``fp8.RECIPES``; reference
-    only, there are no FP8 kernels yet)."""
+    ``fp8``: an FP8 recipe for the block ops' GEMMs (``fp8.RECIPES``; the kernels
+    implement ``cutedsl.FP8_RECIPES``)."""
     if backend == "reference":
         return REFERENCE if fp8 is None else FP8_REFERENCE[fp8]
-    if fp8 is not None:
-        raise ValueError(f"FP8 recipe {fp8!r} runs on the reference backend only, not {backend!r}")
     if backend == "cutedsl":
         from . import cutedsl
 
-        return cutedsl.BOUND_OPS[strict, keep_weights]
+        if fp8 is not None and fp8 not in cutedsl.FP8_RECIPES:
+            raise ValueError(f"FP8 recipe {fp8!r} has no SM90 kernels (they implement "
+                             f"{', '.join(cutedsl.FP8_RECIPES)}); it runs on the reference backend")
+        return cutedsl.BOUND_OPS[strict, keep_weights, fp8]
     raise ValueError(f"unknown CODA backend {backend!r}; expected 'reference' or 'cutedsl'")
 
 

@@ -1,6 +1,6 @@
 """CuTe DSL implementations of the fused ops: quack's SM90 GEMM main loop with
-our epilogues (``@gemm_epilogue``), bf16. Imported only when the ``cutedsl``
-backend runs.
+our epilogues (``@gemm_epilogue``), bf16, or FP8 under the ``tensorwise`` recipe
+(``.fp8_operands``). Imported only when the ``cutedsl`` backend runs.
 """
 
 from functools import partial
@@ -12,20 +12,24 @@ from .rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy
 from .rmsnorm_qkv_rope import rmsnorm_qkv_rope
 from .rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp
 
+from ...backend import FP8_KERNEL_RECIPES as FP8_RECIPES
 
-def _bound(strict: bool, keep_weights: bool) -> SimpleNamespace:
-    folding = dict(strict=strict, keep_weights=keep_weights)
+
+def _bound(strict: bool, keep_weights: bool, fp8: str | None) -> SimpleNamespace:
+    block = dict(strict=strict, keep_weights=keep_weights, fp8=fp8)
     return SimpleNamespace(
-        rmsnorm_qkv_rope=partial(rmsnorm_qkv_rope, **folding),
-        linear_residual_sumsq=partial(linear_residual_sumsq, strict=strict),
-        rmsnorm_swiglu_mlp=partial(rmsnorm_swiglu_mlp, **folding),
+        rmsnorm_qkv_rope=partial(rmsnorm_qkv_rope, **block),
+        linear_residual_sumsq=partial(linear_residual_sumsq, **block),
+        rmsnorm_swiglu_mlp=partial(rmsnorm_swiglu_mlp, **block),
+        # The LM head stays bf16, as TorchTitan's float8 configs keep ``output``.
         rmsnorm_linear_cross_entropy=partial(rmsnorm_linear_cross_entropy, strict=strict),
     )
 
 
-# By (strict, keep_weights). strict: raise where the reference would run
-# (``backend = "cutedsl"``). keep_weights: the folded weights stay prepared from
-# the forward to the dgrad (``..prepared_weights``; the converter's choice,
-# ``converter.keeps_folded_weights``).
-BOUND_OPS = {flags: _bound(*flags) for flags in product((False, True), repeat=2)}
-OPS = BOUND_OPS[False, False]
+# By (strict, keep_weights, fp8). strict: raise where the reference would run
+# (``backend = "cutedsl"``). keep_weights: the prepared (folded, FP8) weights
+# stay from the forward to the dgrad (``..prepared_weights``; the converter's
+# choice, ``converter.keeps_folded_weights``). fp8: None or a recipe.
+BOUND_OPS = {flags: _bound(*flags)
+             for flags in product((False, True), (False, True), (None, *FP8_RECIPES))}
+OPS = BOUND_OPS[False, False, None]

@@ -129,14 +129,15 @@ def tile_partials(rows: int, cols: int, cfg: dict, device: torch.device) -> torc
 
 
 def unsupported_reason(*activations: torch.Tensor, weights: tuple = (),
-                       any_rows: bool = False) -> str | None:
-    """Why these operands cannot go to the SM90 bf16 kernels, or None.
+                       any_rows: bool = False, fp8: str | None = None) -> str | None:
+    """Why these operands cannot go to the SM90 kernels, or None.
 
     Every dimension of a weight is a row stride or a column count of some
     GEMM operand or output, so each must be a multiple of 8 (16 bytes); of an
     activation only the last one is (M is free). ``any_rows``: the op pads
     the outputs whose width is a weight's row count (the LM head's vocab),
-    so only the weights' last dimension must be a multiple of 8.
+    so only the weights' last dimension must be a multiple of 8. Under an FP8
+    recipe they must be multiples of 16 (16 bytes of FP8; cuBLAS FP8 asks it too).
     """
     for t in (*activations, *weights):
         if not t.is_cuda:
@@ -147,12 +148,13 @@ def unsupported_reason(*activations: torch.Tensor, weights: tuple = (),
             return "non-contiguous tensor"
         if t.numel() == 0:
             return "empty tensor"
+    align = 8 if fp8 is None else 16
     for t in activations:
-        if t.shape[-1] % 8 != 0:
-            return f"dimension {t.shape[-1]} not a multiple of 8"
+        if t.shape[-1] % align != 0:
+            return f"dimension {t.shape[-1]} not a multiple of {align}"
     for w in weights:
-        if any(n % 8 for n in (w.shape[-1:] if any_rows else w.shape)):
-            return f"weight shape {tuple(w.shape)} not a multiple of 8"
+        if any(n % align for n in (w.shape[-1:] if any_rows else w.shape)):
+            return f"weight shape {tuple(w.shape)} not a multiple of {align}"
     return None
 
 

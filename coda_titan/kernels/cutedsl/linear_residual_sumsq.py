@@ -2,59 +2,94 @@
 
 One GEMM ``o @ Wo.T`` whose epilogue adds the residual (the C operand),
 stores ``h`` and reduces ``h**2`` per (row, N-tile) into fp32 partials; a
-tiny sum finalizes them. Backward is plain (cuBLAS): ``dx = dh``,
-``do = dh @ Wo``, ``dWo = dh.T @ o``. Also used for ``w2`` + residual, whose
-sum of squares the caller may ignore.
+tiny sum finalizes them. Backward is plain: ``dx = dh``, ``do = dh @ Wo``,
+``dWo = dh.T @ o`` (cuBLAS). Also used for ``w2`` + residual, whose sum of
+squares the caller may ignore. Under the FP8 recipe (``fp8``) the GEMMs take
+FP8 operands (``.fp8_operands``) and the epilogue dequantizes the accumulator.
 """
 
 import torch
 from quack.epilogue import gemm_epilogue
-from quack.epilogue.ops import ColVecReduce
+from quack.epilogue.ops import ColVecReduce, Scalar
 
 from ..fallback import report_fallback
 from ..linear_residual_sumsq import linear_residual_sumsq as reference
+from . import fp8_operands
 from .gemm import TILES, aligned, tile_partials, unsupported_reason
 
 
-@gemm_epilogue(reduces={"sumsq": ColVecReduce("sumsq", scaled=True)})
-def residual_sumsq_epi(acc, c):
-    """h = acc + x; sumsq partial = sum over the tile's columns of h**2."""
-    h = acc + c
+@gemm_epilogue(ops={"dq": Scalar("dq")}, reduces={"sumsq": ColVecReduce("sumsq", scaled=True)})
+def residual_sumsq_epi(acc, c, dq):
+    """h = dq * acc + x (dq: the FP8 dequantization, 1 in bf16); sumsq partial =
+    sum over the tile's columns of h**2."""
+    h = acc * dq + c
     return {"D": h, "sumsq": (h, h)}
+
+
+def residual_sumsq_gemm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
+                        dq: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + dq * (a @ W.T), sum of squares per row)``; ``a`` and ``W`` bf16, or FP8
+    with ``dq = 1 / (s_a s_w)``. x and h may have leading dims, a is (M, K)."""
+    x, a, weight = aligned(x, a, weight)
+    n, k = weight.shape
+    cfg = TILES["residual_deep" if k > 2 * n else "residual_square"]
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    partials = tile_partials(a.shape[0], n, cfg, x.device)
+    fast = fp8_operands.FAST_ACCUM if a.dtype.itemsize == 1 else ()
+    residual_sumsq_epi.gemm(a, weight, h.view(-1, n), x.view(-1, n),
+                            epi_args=dict(sumsq=partials, dq=dq), post_init_attrs=fast, **cfg)
+    return h, partials.sum(-1)
 
 
 @torch.library.custom_op("coda::linear_residual_sumsq_fwd", mutates_args=(), device_types="cuda")
 def linear_residual_sumsq_fwd(
-    x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor
+    x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str | None, keep: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + o @ W.T and sum(h**2) per row; x and h may have leading dims
-    (a block's output is no view then), o is (M, K)."""
-    x, o, weight = aligned(x, o, weight)
-    n, k = weight.shape
-    cfg = TILES["residual_deep" if k > 2 * n else "residual_square"]
-    h = torch.empty_like(x)
-    partials = tile_partials(o.shape[0], n, cfg, x.device)
-    residual_sumsq_epi.gemm(o, weight, h.view(-1, n), x.view(-1, n),
-                            epi_args=dict(sumsq=partials), **cfg)
-    return h, partials.sum(-1)
+    (a block's output is no view then), o is (M, K). ``fp8``: the recipe
+    (``tensorwise``) or None; ``keep``: its FP8 weight stays prepared."""
+    if fp8 is None:
+        return residual_sumsq_gemm(x, o, weight)
+    a, w = fp8_operands.quantize(o, "act"), fp8_operands.weight([weight], None, False, keep)
+    return residual_sumsq_gemm(x, a.rows, w.rows, a.inv_scale * w.inv_scale)
 
 
 @linear_residual_sumsq_fwd.register_fake
-def _(x, o, weight):
+def _(x, o, weight, fp8, keep):
     return torch.empty_like(x), x.new_empty(o.shape[0], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    _, o, weight = inputs
+    _, o, weight, fp8, keep = inputs
     ctx.save_for_backward(o, weight)
+    ctx.fp8, ctx.keep = fp8, keep
     ctx.mark_non_differentiable(output[1])
 
 
+@torch.library.custom_op("coda::linear_grads_fp8", mutates_args=(), device_types="cuda")
+def linear_grads_fp8(dh: torch.Tensor, o: torch.Tensor, weight: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh @ W, dh.T @ o)`` in FP8 (``dh`` (M, N) 2-D): both in cuBLAS, the
+    forward's FP8 weight taken (its last reader)."""
+    g = fp8_operands.quantize(dh, "grad", rows=True, cols=True)
+    w = fp8_operands.weight([weight], None, False, last=True)
+    a = fp8_operands.quantize(o, "act", rows=False, cols=True)
+    return (fp8_operands.scaled_mm(g.rows, g.inv_scale, w.cols, w.inv_scale, o.dtype),
+            fp8_operands.scaled_mm(g.cols, g.inv_scale, a.cols, a.inv_scale, weight.dtype))
+
+
+@linear_grads_fp8.register_fake
+def _(dh, o, weight):
+    return torch.empty_like(o), torch.empty_like(weight)
+
+
 def _backward(ctx, dh, _dsumsq):
-    """The plain linear + residual backward (cuBLAS)."""
+    """The plain linear + residual backward."""
     o, weight = ctx.saved_tensors
     dh2d = dh.reshape(-1, weight.shape[0])
-    return dh, dh2d @ weight, dh2d.t() @ o
+    if ctx.fp8 is None:
+        return dh, dh2d @ weight, dh2d.t() @ o, None, None
+    return dh, *linear_grads_fp8(dh2d.contiguous(), o, weight), None, None
 
 
 # A custom op with its backward registered (not an autograd.Function): under
@@ -62,9 +97,9 @@ def _backward(ctx, dh, _dsumsq):
 linear_residual_sumsq_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_residual_sumsq(x, o, weight, *, strict=False):
-    reason = unsupported_reason(x, o, weights=(weight,))
+def linear_residual_sumsq(x, o, weight, *, strict=False, keep_weights=False, fp8=None):
+    reason = unsupported_reason(x, o, weights=(weight,), fp8=fp8)
     if reason is not None:
         report_fallback("linear_residual_sumsq", reason, strict)
-        return reference(x, o, weight)
-    return linear_residual_sumsq_fwd(x, o, weight)
+        return reference(x, o, weight, fp8=fp8)
+    return linear_residual_sumsq_fwd(x, o, weight, fp8, keep_weights)

@@ -12,43 +12,53 @@ correction and, where the op has one, the residual gradient (the C operand).
 
 import torch
 from quack.epilogue import gemm_epilogue
-from quack.epilogue.ops import ColVecLoad
+from quack.epilogue.ops import ColVecLoad, Scalar
 
+from . import fp8_operands
 from .gemm import TILES, aligned, folded_weight
 
 CFG = TILES["rmsnorm_grad"]
+OPS = {"corr": ColVecLoad("corr"), "dq": Scalar("dq")}
 
 
-@gemm_epilogue(ops={"corr": ColVecLoad("corr")})
-def rmsnorm_grad_residual_epi(acc, c, x, corr):
-    """dx = acc + residual_grad + x * corr, corr = -r**2 * sum(dz*z) / D."""
-    return {"D": acc + c + x * corr}
+@gemm_epilogue(ops=OPS)
+def rmsnorm_grad_residual_epi(acc, c, x, corr, dq):
+    """dx = dq*acc + residual_grad + x * corr, corr = -r**2 * sum(dz*z) / D
+    (dq: the FP8 dequantization, 1 in bf16)."""
+    return {"D": acc * dq + c + x * corr}
 
 
-@gemm_epilogue(ops={"corr": ColVecLoad("corr")})
-def rmsnorm_grad_epi(acc, x, corr):
-    """dx = acc + x * corr (no residual gradient joins here)."""
-    return {"D": acc + x * corr}
+@gemm_epilogue(ops=OPS)
+def rmsnorm_grad_epi(acc, x, corr, dq):
+    """dx = dq*acc + x * corr (no residual gradient joins here)."""
+    return {"D": acc * dq + x * corr}
 
 
 @torch.library.custom_op("coda::rmsnorm_linear_grad", mutates_args=(), device_types="cuda")
 def rmsnorm_linear_grad(
-    dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
-    x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None,
+    dzr: torch.Tensor, dzr_inv_scale: torch.Tensor | None, weights: list[torch.Tensor],
+    norm_weight: torch.Tensor, interleave: bool, x: torch.Tensor, zdz_r2: torch.Tensor,
+    residual_grad: torch.Tensor | None,
 ) -> torch.Tensor:
-    """dx for ``W' = stack_rows(weights, interleave) * norm_weight``."""
-    folded = folded_weight(weights, norm_weight, interleave, last=True)
+    """dx for ``W' = stack_rows(weights, interleave) * norm_weight``. ``dzr`` bf16, or
+    FP8 (e5m2) with its ``1 / scale``: then the GEMM runs on the FP8 ``W'``."""
+    if dzr_inv_scale is None:
+        folded, dq, fast = folded_weight(weights, norm_weight, interleave, last=True).mT, 1.0, ()
+    else:
+        w = fp8_operands.weight(weights, norm_weight, interleave, last=True)
+        folded, dq, fast = w.cols, dzr_inv_scale * w.inv_scale, fp8_operands.FAST_ACCUM
     dzr, folded, x, residual_grad = aligned(dzr, folded, x, residual_grad)
     dx = torch.empty_like(x)
-    epi_args = dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1]))
+    epi_args = dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1]), dq=dq)
     if residual_grad is None:
-        rmsnorm_grad_epi.gemm(dzr, folded.mT, dx, None, epi_args=epi_args, **CFG)
+        rmsnorm_grad_epi.gemm(dzr, folded, dx, None, epi_args=epi_args, post_init_attrs=fast,
+                              **CFG)
     else:
-        rmsnorm_grad_residual_epi.gemm(dzr, folded.mT, dx, residual_grad,
-                                       epi_args=epi_args, **CFG)
+        rmsnorm_grad_residual_epi.gemm(dzr, folded, dx, residual_grad, epi_args=epi_args,
+                                       post_init_attrs=fast, **CFG)
     return dx
 
 
 @rmsnorm_linear_grad.register_fake
-def _(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad):
+def _(dzr, dzr_inv_scale, weights, norm_weight, interleave, x, zdz_r2, residual_grad):
     return torch.empty_like(x)

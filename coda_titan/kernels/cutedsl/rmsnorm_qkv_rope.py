@@ -35,6 +35,7 @@ from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
 from ..fallback import report_fallback
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
+from . import fp8_operands
 from .gemm import TILES, aligned, folded_weight, unfold_grads, unsupported_reason
 from .rmsnorm_linear_grad import rmsnorm_linear_grad
 from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, row_rstd, vector
@@ -53,21 +54,18 @@ def rstd_rope_epi(acc, pos, freq, rstd):
     return {"D": pack(a * cos - b * sin, a * sin + b * cos)}
 
 
-@torch.library.custom_op("coda::rmsnorm_qkv_rope_fwd", mutates_args=(), device_types="cuda")
-def rmsnorm_qkv_rope_fwd(
+def rmsnorm_qkv_rope_gemm(
     x: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, positions: torch.Tensor,
     freq: torch.Tensor,
 ) -> torch.Tensor:
+    """RoPE(r * (x @ W'.T)) in bf16: bf16 operands, or FP8 ones with their
+    dequantization folded into ``rstd``."""
     x, rstd, folded_weight, positions, freq = aligned(x, rstd, folded_weight, positions, freq)
-    qkv = torch.empty(x.shape[0], folded_weight.shape[0], dtype=x.dtype, device=x.device)
-    rstd_rope_epi.gemm(x, folded_weight, qkv, None,
+    qkv = torch.empty(x.shape[0], folded_weight.shape[0], dtype=torch.bfloat16, device=x.device)
+    fast = fp8_operands.FAST_ACCUM if x.dtype.itemsize == 1 else ()
+    rstd_rope_epi.gemm(x, folded_weight, qkv, None, post_init_attrs=fast,
                        epi_args=dict(pos=positions, freq=freq, rstd=rstd), **CFG)
     return qkv
-
-
-@rmsnorm_qkv_rope_fwd.register_fake
-def _(x, rstd, folded_weight, positions, freq):
-    return x.new_empty(x.shape[0], folded_weight.shape[0])
 
 
 # Per RoPE table tensor (weakly held: an entry dies with its tensor).
@@ -165,39 +163,69 @@ def _(dqkv, qkv, freqs_cis, positions, rstd, nq, nk):
 def rmsnorm_qkv_rope_op(
     x: torch.Tensor, norm_weight: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
     wv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, eps: float, keep: bool,
+    fp8: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(qkv, r): post-RoPE ``[q | k | v]`` (M, Nq + Nk + Nv) and the row rstd.
 
     One custom op with its backward registered (not an autograd.Function), so
     that under torch.compile activation checkpointing can recompute it.
-    ``keep``: the folded weight stays prepared for the recompute and the dgrad."""
+    ``keep``: the folded weight (FP8 under ``fp8``) stays prepared for the
+    recompute and the dgrad."""
     rstd = row_rstd(x, eps)
-    folded = folded_weight([wq, wk, wv], norm_weight, False, keep)
     freq = rope_freq_table(freqs_cis, wq.shape[0], wk.shape[0], wv.shape[0])
-    return rmsnorm_qkv_rope_fwd(x, rstd, folded, positions.float(), freq), rstd
+    weights, positions = [wq, wk, wv], positions.float()
+    if fp8 is None:
+        folded = folded_weight(weights, norm_weight, False, keep)
+        return rmsnorm_qkv_rope_gemm(x, rstd, folded, positions, freq), rstd
+    a, w = fp8_operands.quantize(x, "act"), fp8_operands.weight(weights, norm_weight, False, keep)
+    dq_rstd = rstd * (a.inv_scale * w.inv_scale)
+    return rmsnorm_qkv_rope_gemm(a.rows, dq_rstd, w.rows, positions, freq), rstd
 
 
 @rmsnorm_qkv_rope_op.register_fake
-def _(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, keep):
+def _(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, keep, fp8):
     n = wq.shape[0] + wk.shape[0] + wv.shape[0]
     return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, norm_weight, wq, wk, wv, freqs_cis, positions, _, _ = inputs
+    x, norm_weight, wq, wk, wv, freqs_cis, positions, _, _, fp8 = inputs
     qkv, rstd = output
     ctx.save_for_backward(x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv)
     ctx.mark_non_differentiable(rstd)
+    ctx.fp8 = fp8
+
+
+@torch.library.custom_op("coda::rmsnorm_linear_grads_fp8", mutates_args=(), device_types="cuda")
+def rmsnorm_linear_grads_fp8(
+    dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, x: torch.Tensor,
+    zdz_r2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dW') in FP8: the dgrad with the RMSNorm backward in its epilogue
+    (``rmsnorm_linear_grad``), the wgrad ``dzr.T @ x`` in cuBLAS."""
+    dz = fp8_operands.quantize(dzr, "grad", rows=True, cols=True)
+    dx = rmsnorm_linear_grad(dz.rows, dz.inv_scale, weights, norm_weight, False, x, zdz_r2, None)
+    a = fp8_operands.quantize(x, "act", rows=False, cols=True)
+    return dx, fp8_operands.scaled_mm(dz.cols, dz.inv_scale, a.cols, a.inv_scale, x.dtype)
+
+
+@rmsnorm_linear_grads_fp8.register_fake
+def _(dzr, weights, norm_weight, x, zdz_r2):
+    return torch.empty_like(x), x.new_empty(dzr.shape[1], x.shape[1])
 
 
 def _backward(ctx, dqkv, _drstd):
     x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv = ctx.saved_tensors
     nq, nk = wq.shape[0], wk.shape[0]
     dzr, zdz = rope_backward_zdz(dqkv, qkv, freqs_cis, positions, rstd, nq, nk)
-    weights = [wq, wk, wv]
-    dx = rmsnorm_linear_grad(dzr, weights, norm_weight, False, x, rstd.square() * zdz, None)
-    dwq, dwk, dwv, dnorm = unfold_grads(dzr.t() @ x, weights, norm_weight, False)
-    return dx, dnorm, dwq, dwk, dwv, None, None, None, None
+    weights, zdz_r2 = [wq, wk, wv], rstd.square() * zdz
+    if ctx.fp8 is None:
+        dx = rmsnorm_linear_grad(dzr, None, weights, norm_weight, False, x, zdz_r2, None)
+        folded_grad = dzr.t() @ x
+    else:
+        dx, folded_grad = rmsnorm_linear_grads_fp8(dzr, weights, norm_weight, x, zdz_r2)
+    dwq, dwk, dwv, dnorm = unfold_grads(folded_grad, weights, norm_weight, False)
+    return dx, dnorm, dwq, dwk, dwv, None, None, None, None, None
 
 
 rmsnorm_qkv_rope_op.register_autograd(_backward, setup_context=_setup_context)
@@ -209,11 +237,11 @@ _op_sac_save_list.add(torch.ops.coda.rmsnorm_qkv_rope.default)
 
 
 def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, *, strict=False,
-                     keep_weights=False):
-    reason = unsupported_reason(x, weights=(wq, wk, wv))
+                     keep_weights=False, fp8=None):
+    reason = unsupported_reason(x, weights=(wq, wk, wv), fp8=fp8)
     if reason is not None:
         report_fallback("rmsnorm_qkv_rope", reason, strict)
-        return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps)
+        return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8=fp8)
     qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps,
-                                 keep_weights)
+                                 keep_weights, fp8)
     return qkv

@@ -30,12 +30,13 @@ import torch
 from quack.activation import dswiglu, swiglu
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.math import pack, unpack
-from quack.epilogue.ops import ColVecLoad, ColVecReduce
+from quack.epilogue.ops import ColVecLoad, ColVecReduce, Scalar
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
 from ..fallback import report_fallback
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
+from . import fp8_operands
 from .gemm import (
     TILES, aligned, folded_weight, tile_partials, unfold_grads, unsupported_reason)
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
@@ -45,56 +46,65 @@ CFG_UP = TILES["swiglu"]
 CFG_DOWN_GRAD = TILES["dswiglu"]
 
 
-@gemm_epilogue(outputs=("act",), ops={"rstd": ColVecLoad("rstd")}, mode="acc_pair")
-def rstd_swiglu_epi(acc, rstd):
-    """Store the unscaled (gate, up) pair; act = silu(r*gate) * (r*up)."""
-    gate, up = unpack(acc)
-    gate_n, up_n = unpack(acc * rstd)
+@gemm_epilogue(outputs=("act",), ops={"rstd": ColVecLoad("rstd"), "dq": Scalar("dq")},
+               mode="acc_pair")
+def rstd_swiglu_epi(acc, rstd, dq):
+    """Store the unscaled (gate, up) pair dq*acc; act = silu(r*gate) * (r*up).
+    dq: the FP8 dequantization (1 in bf16)."""
+    gate, up = unpack(acc * dq)
+    gate_n, up_n = unpack(acc * (rstd * dq))
     return {"D": pack(gate, up), "act": swiglu(gate_n, up_n)}
 
 
 @gemm_epilogue(
     outputs=("act",),
-    ops={"rstd": ColVecLoad("rstd")},
+    ops={"rstd": ColVecLoad("rstd"), "dq": Scalar("dq")},
     reduces={"drstd": ColVecReduce("drstd")},
     mode="packed_cd_b16x2",
 )
-def dswiglu_drstd_epi(acc, c, rstd):
-    """acc = da; c = saved (gate, up). dGU = r*dz, act recomputed, dL/dr = sum dz*GU."""
+def dswiglu_drstd_epi(acc, c, rstd, dq):
+    """dq*acc = da; c = saved (gate, up). dGU = r*dz, act recomputed, dL/dr = sum dz*GU."""
     gate, up = unpack(c)
-    dgate, dup, act = dswiglu(gate * rstd, up * rstd, acc)
+    dgate, dup, act = dswiglu(gate * rstd, up * rstd, acc * dq)
     return {"D": pack(dgate * rstd, dup * rstd), "act": act, "drstd": dgate * gate + dup * up}
 
 
-@torch.library.custom_op("coda::rmsnorm_swiglu_fwd", mutates_args=(), device_types="cuda")
-def rmsnorm_swiglu_fwd(
-    h: torch.Tensor, rstd: torch.Tensor, w13: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _fast(a: torch.Tensor) -> tuple:
+    return fp8_operands.FAST_ACCUM if a.dtype.itemsize == 1 else ()
+
+
+def rmsnorm_swiglu_gemm(h: torch.Tensor, rstd: torch.Tensor, w13: torch.Tensor,
+                        dq: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GU, act) from ``h @ W13'.T``: bf16 operands, or FP8 with ``dq = 1 / (s_h s_w)``."""
     h, rstd, w13 = aligned(h, rstd, w13)
-    gu = torch.empty(h.shape[0], w13.shape[0], dtype=h.dtype, device=h.device)
-    act = torch.empty(h.shape[0], w13.shape[0] // 2, dtype=h.dtype, device=h.device)
-    rstd_swiglu_epi.gemm(h, w13, gu, None, epi_args=dict(rstd=rstd, act=act), **CFG_UP)
+    gu = torch.empty(h.shape[0], w13.shape[0], dtype=torch.bfloat16, device=h.device)
+    act = torch.empty(h.shape[0], w13.shape[0] // 2, dtype=torch.bfloat16, device=h.device)
+    rstd_swiglu_epi.gemm(h, w13, gu, None, epi_args=dict(rstd=rstd, act=act, dq=dq),
+                         post_init_attrs=_fast(h), **CFG_UP)
     return gu, act
 
 
-@rmsnorm_swiglu_fwd.register_fake
-def _(h, rstd, w13):
-    return h.new_empty(h.shape[0], w13.shape[0]), h.new_empty(h.shape[0], w13.shape[0] // 2)
+def dswiglu_drstd_gemm(dout: torch.Tensor, w2t: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor,
+                       dq: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dGU, act, dL/dr) from the w2 dgrad ``dout @ W2`` (``w2t``: W2.T, (F, D), any
+    layout in bf16, contiguous in FP8 with ``dq = 1 / (s_dout s_w)``)."""
+    dout, w2t, gu, rstd = aligned(dout, w2t, gu, rstd)
+    m, hidden = dout.shape[0], w2t.shape[0]
+    dgu = torch.empty_like(gu)
+    act = torch.empty(m, hidden, dtype=gu.dtype, device=dout.device)
+    partials = tile_partials(m, hidden, CFG_DOWN_GRAD, dout.device)
+    dswiglu_drstd_epi.gemm(dout, w2t, dgu, gu,
+                           epi_args=dict(rstd=rstd, act=act, drstd=partials, dq=dq),
+                           post_init_attrs=_fast(dout), **CFG_DOWN_GRAD)
+    return dgu, act, partials.sum(-1)
 
 
 @torch.library.custom_op("coda::dswiglu_drstd", mutates_args=(), device_types="cuda")
 def dswiglu_drstd(
     dout: torch.Tensor, w2: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dGU, act, dL/dr) from the w2 dgrad ``dout @ W2``."""
-    dout, w2, gu, rstd = aligned(dout, w2, gu, rstd)
-    m, hidden = dout.shape[0], w2.shape[1]
-    dgu = torch.empty_like(gu)
-    act = torch.empty(m, hidden, dtype=dout.dtype, device=dout.device)
-    partials = tile_partials(m, hidden, CFG_DOWN_GRAD, dout.device)
-    dswiglu_drstd_epi.gemm(dout, w2.mT, dgu, gu, epi_args=dict(rstd=rstd, act=act, drstd=partials),
-                           **CFG_DOWN_GRAD)
-    return dgu, act, partials.sum(-1)
+    """``dswiglu_drstd_gemm`` in bf16, opaque to the traced backward formula."""
+    return dswiglu_drstd_gemm(dout, w2.mT, gu, rstd)
 
 
 @dswiglu_drstd.register_fake
@@ -107,18 +117,23 @@ def _(dout, w2, gu, rstd):
 @torch.library.custom_op("coda::rmsnorm_swiglu", mutates_args=(), device_types="cuda")
 def rmsnorm_swiglu(
     h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor,
-    w3: torch.Tensor, eps: float, keep: bool,
+    w3: torch.Tensor, eps: float, keep: bool, fp8: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(GU, act, r) for h (M, D): the pre-activation, silu(r*gate) * (r*up), the row rstd.
     No backward: ``swiglu_down_residual``'s covers it. ``keep``: the folded W13
-    stays prepared for the recompute and the dgrad."""
+    (FP8 under ``fp8``) stays prepared for the recompute and the dgrad."""
     rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
-    gu, act = rmsnorm_swiglu_fwd(h, rstd, folded_weight([w1, w3], norm_weight, True, keep))
+    if fp8 is None:
+        gu, act = rmsnorm_swiglu_gemm(h, rstd, folded_weight([w1, w3], norm_weight, True, keep))
+    else:
+        a = fp8_operands.quantize(h, "act")
+        w = fp8_operands.weight([w1, w3], norm_weight, True, keep)
+        gu, act = rmsnorm_swiglu_gemm(a.rows, rstd, w.rows, a.inv_scale * w.inv_scale)
     return gu, act, rstd
 
 
 @rmsnorm_swiglu.register_fake
-def _(h, sumsq, norm_weight, w1, w3, eps, keep):
+def _(h, sumsq, norm_weight, w1, w3, eps, keep, fp8):
     m, f = h.shape[0], w1.shape[0]
     return h.new_empty(m, 2 * f), h.new_empty(m, f), h.new_empty(m, dtype=torch.float32)
 
@@ -127,20 +142,53 @@ def _(h, sumsq, norm_weight, w1, w3, eps, keep):
 def swiglu_down_residual(
     h: torch.Tensor, act: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor,
     norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+    keep: bool, fp8: str | None,
 ) -> torch.Tensor:
     """out = h + act @ W2.T (h's shape); act, GU and r as ``rmsnorm_swiglu`` returned them
-    for these h, norm weight, W1 and W3."""
-    return linear_residual_sumsq_fwd(h, act, w2)[0]
+    for these h, norm weight, W1 and W3 (and ``keep``, ``fp8``)."""
+    return linear_residual_sumsq_fwd(h, act, w2, fp8, keep)[0]
 
 
 @swiglu_down_residual.register_fake
-def _(h, act, gu, rstd, norm_weight, w1, w3, w2):
+def _(h, act, gu, rstd, norm_weight, w1, w3, w2, keep, fp8):
     return torch.empty_like(h)
 
 
 def _setup_context(ctx, inputs, output):
-    h, _, gu, rstd, norm_weight, w1, w3, w2 = inputs
+    h, _, gu, rstd, norm_weight, w1, w3, w2, _, fp8 = inputs
     ctx.save_for_backward(h, gu, rstd, norm_weight, w1, w3, w2)
+    ctx.fp8 = fp8
+
+
+def _backward_bf16(dout, h2d, gu, rstd, norm_weight, w1, w3, w2):
+    dgu, act, drstd = dswiglu_drstd(dout, w2, gu, rstd)
+    dw2 = dout.t() @ act
+    dh = rmsnorm_linear_grad(dgu, None, [w1, w3], norm_weight, True, h2d, rstd.pow(3) * drstd, dout)
+    return dh, dw2, dgu.t() @ h2d
+
+
+@torch.library.custom_op("coda::swiglu_mlp_grads_fp8", mutates_args=(), device_types="cuda")
+def swiglu_mlp_grads_fp8(
+    dout: torch.Tensor, h2d: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor,
+    norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW2, dW13') as ``_backward_bf16`` with every GEMM in FP8: the dgrads in
+    the epilogue GEMMs, the wgrads in cuBLAS from the transposed casts."""
+    g = fp8_operands.quantize(dout, "grad", rows=True, cols=True)
+    w = fp8_operands.weight([w2], None, False, last=True)
+    dgu, act, drstd = dswiglu_drstd_gemm(g.rows, w.cols, gu, rstd, g.inv_scale * w.inv_scale)
+    a = fp8_operands.quantize(act, "act", rows=False, cols=True)
+    dw2 = fp8_operands.scaled_mm(g.cols, g.inv_scale, a.cols, a.inv_scale, w2.dtype)
+    dz = fp8_operands.quantize(dgu, "grad", rows=True, cols=True)
+    dh = rmsnorm_linear_grad(dz.rows, dz.inv_scale, [w1, w3], norm_weight, True, h2d,
+                             rstd.pow(3) * drstd, dout)
+    x = fp8_operands.quantize(h2d, "act", rows=False, cols=True)
+    return dh, dw2, fp8_operands.scaled_mm(dz.cols, dz.inv_scale, x.cols, x.inv_scale, w1.dtype)
+
+
+@swiglu_mlp_grads_fp8.register_fake
+def _(dout, h2d, gu, rstd, norm_weight, w1, w3, w2):
+    return torch.empty_like(h2d), torch.empty_like(w2), gu.new_empty(gu.shape[1], h2d.shape[1])
 
 
 def _backward(ctx, dout):
@@ -148,11 +196,10 @@ def _backward(ctx, dout):
     h, gu, rstd, norm_weight, w1, w3, w2 = ctx.saved_tensors
     h2d = h.reshape(-1, h.shape[-1])
     dout = dout.reshape(h2d.shape).contiguous()
-    dgu, act, drstd = dswiglu_drstd(dout, w2, gu, rstd)
-    dw2 = dout.t() @ act
-    dh = rmsnorm_linear_grad(dgu, [w1, w3], norm_weight, True, h2d, rstd.pow(3) * drstd, dout)
-    dw1, dw3, dnorm = unfold_grads(dgu.t() @ h2d, [w1, w3], norm_weight, True)
-    return dh.view(h.shape), None, None, None, dnorm, dw1, dw3, dw2
+    grads = _backward_bf16 if ctx.fp8 is None else swiglu_mlp_grads_fp8
+    dh, dw2, dw13 = grads(dout, h2d, gu, rstd, norm_weight, w1, w3, w2)
+    dw1, dw3, dnorm = unfold_grads(dw13, [w1, w3], norm_weight, True)
+    return dh.view(h.shape), None, None, None, dnorm, dw1, dw3, dw2, None, None
 
 
 swiglu_down_residual.register_autograd(_backward, setup_context=_setup_context)
@@ -164,13 +211,13 @@ _op_sac_save_list.add(torch.ops.coda.rmsnorm_swiglu.default)
 
 
 def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None, *, strict=False,
-                       keep_weights=False):
-    reason = unsupported_reason(h, weights=(w1, w3, w2))
+                       keep_weights=False, fp8=None):
+    reason = unsupported_reason(h, weights=(w1, w3, w2), fp8=fp8)
     if reason is not None:
         report_fallback("rmsnorm_swiglu_mlp", reason, strict)
-        return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq)
+        return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq, fp8=fp8)
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)
     gu, act, rstd = rmsnorm_swiglu(h.detach().reshape(-1, h.shape[-1]), sumsq, norm_weight.detach(),
-                                   w1.detach(), w3.detach(), eps, keep_weights)
-    return swiglu_down_residual(h, act, gu, rstd, norm_weight, w1, w3, w2)
+                                   w1.detach(), w3.detach(), eps, keep_weights, fp8)
+    return swiglu_down_residual(h, act, gu, rstd, norm_weight, w1, w3, w2, keep_weights, fp8)

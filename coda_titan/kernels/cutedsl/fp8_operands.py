@@ -1,0 +1,114 @@
+"""FP8 operands for the kernels: the ``tensorwise`` recipe of ``..fp8`` (one scale
+per tensor from its current amax, saturating), on SM90.
+
+quack's SM90 GEMM and cuBLAS FP8 both take K-major operands only, so an operand
+is cast in the orientations its GEMMs contract it along:
+
+- an activation ``x`` (M, K) feeds the forward as ``x`` and the wgrad as
+  ``x.T``; a gradient ``dy`` (M, N) feeds the dgrad as ``dy`` and the wgrad as
+  ``dy.T``: an amax pass (ATen's), then one Triton pass writing both (a tile
+  transposed through shared memory; Inductor's and ATen's transposes ran 5-10x
+  slower on the H200);
+- a weight ``W`` (N, K), norm weight folded in where the op folds it, feeds the
+  forward as ``W`` and the dgrad as ``W.T``. It is cast once per parameter
+  update (``..prepared_weights``, tagged apart from the bf16 fold) when the
+  converter keeps prepared weights, else once per pass.
+
+The epilogue GEMMs (forward and dgrad, K = D or F) run quack's fast
+accumulation; the wgrads (K = tokens, the longest sums) run cuBLAS
+``torch._scaled_mm`` with its accurate accumulation, as torchao does for its
+gradient GEMMs. All of this runs inside custom ops (the backward formulas
+of the ops call an FP8 backward custom op), where the casts and the
+prepared-weight lookups are opaque to the graph. Each GEMM's dequantization
+factor ``1 / (s_a s_b)`` is a 1-element fp32 tensor (no host sync), which the
+epilogues multiply into the accumulator.
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..fp8 import AMAX_FLOOR, FORMATS
+from ..prepared_weights import prepared, taken
+from .gemm import _fold_weight
+
+CAST_BLOCK = 128
+
+# quack's SM90 FP8 main loop promotes its accumulator every K tile by default
+# (about 180 TFLOP/s); this turns that off (1300-1470 TFLOP/s on the H200).
+FAST_ACCUM = (("fp8_slow_accum", False),)
+
+
+class Fp8Operand(NamedTuple):
+    """An operand cast to FP8: ``rows`` as given, ``cols`` its transpose, its rows
+    zero-padded to a multiple of 16 (each contiguous, or None where not asked
+    for), and ``1 / scale`` (fp32, 1 element)."""
+
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
+    inv_scale: torch.Tensor
+
+
+@triton.jit
+def _cast_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, inv_scale_ptr, m, n, qt_cols, fmax, floor,
+                 ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """One BLOCK x BLOCK tile of ``x`` scaled by ``fmax / amax``, saturated and rounded
+    to FP8: stored as is (ROWS) and transposed (COLS; its padding columns get zeros)."""
+    amax = tl.load(amax_ptr)
+    scale = tl.where(amax > 0, fmax / tl.maximum(amax, floor), 1.0)
+    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + rm[:, None] * n + rn[None, :],
+                mask=(rm[:, None] < m) & (rn[None, :] < n), other=0.0)
+    y = tl.clamp(x.to(tl.float32) * scale, -fmax, fmax)
+    if ROWS:
+        tl.store(q_ptr + rm[:, None] * n + rn[None, :], y.to(q_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < m) & (rn[None, :] < n))
+    if COLS:
+        tl.store(qt_ptr + rn[:, None] * qt_cols + rm[None, :],
+                 tl.trans(y).to(qt_ptr.dtype.element_ty),
+                 mask=(rn[:, None] < n) & (rm[None, :] < qt_cols))
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(inv_scale_ptr, 1.0 / scale)
+
+
+def quantize(x: torch.Tensor, kind: str, rows: bool = True, cols: bool = False) -> Fp8Operand:
+    """``x`` (M, K) in the FP8 format of ``kind`` (act, weight, grad; ``..fp8.FORMATS``)."""
+    x, dtype = x.contiguous(), FORMATS[kind]
+    (m, n), device = x.shape, x.device
+    amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
+    # cuBLAS FP8 wants K (for ``cols``: the wgrads' tokens) a multiple of 16; the
+    # zero columns of the padding add nothing to the sums.
+    padded = m + -m % 16
+    q = torch.empty(m, n, dtype=dtype, device=device) if rows else None
+    qt = torch.empty(n, padded, dtype=dtype, device=device) if cols else None
+    inv_scale = torch.empty(1, dtype=torch.float32, device=device)
+    grid = (triton.cdiv(padded if cols else m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK))
+    _cast_kernel[grid](x, amax, inv_scale if q is None else q, inv_scale if qt is None else qt,
+                       inv_scale, m, n, padded, torch.finfo(dtype).max, AMAX_FLOOR,
+                       ROWS=rows, COLS=cols, BLOCK=CAST_BLOCK, num_warps=8)
+    return Fp8Operand(q, qt, inv_scale)
+
+
+def weight(weights: list[torch.Tensor], norm_weight: torch.Tensor | None, interleave: bool,
+           keep: bool = False, last: bool = False) -> Fp8Operand:
+    """``stack_rows(weights) [* g]`` cast to e4m3 in both orientations: ``rows`` for
+    the forward, ``cols`` for the dgrad. ``keep``/``last`` as in ``gemm.folded_weight``."""
+    def build():
+        w = weights[0] if norm_weight is None else _fold_weight(weights, norm_weight, interleave)
+        return quantize(w, "weight", rows=True, cols=True)
+
+    tag = f"fp8:{interleave}:{norm_weight is not None}"
+    sources = weights if norm_weight is None else [*weights, norm_weight]
+    return taken(tag, sources, build) if last else prepared(tag, sources, build, keep)
+
+
+def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b.T`` for FP8 ``a`` (M, K) and ``b`` (N, K), both K-major, with their
+    ``1 / scale``: cuBLAS with accurate accumulation (the wgrads, and the one
+    dgrad without an epilogue, wo's)."""
+    return torch._scaled_mm(a, b.t(), scale_a=a_inv.reshape(()), scale_b=b_inv.reshape(()),
+                            out_dtype=out_dtype, use_fast_accum=False)
