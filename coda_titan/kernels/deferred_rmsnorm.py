@@ -7,10 +7,11 @@ weight ``W`` stored ``(out, in)``::
 
 so ``r`` is a per-row scale applied after the GEMM and ``g`` folds into the
 weight. Backward (ZdZ): with ``z`` the consumer output and ``dz`` its gradient,
-``c = sum_n dz_n z_n`` per row, and then::
+``c = sum_n dz_n z_n`` per row and ``dzr = r * dz`` (the GEMM operand, as the
+kernels form it, so an FP8 recipe quantizes the same tensors), then::
 
-    dx  = r * (dz @ W') - (r**2 * c / D) * x
-    dW' = dz.T @ (r * x)          dW = dW' * g          dg = sum_n dW' * W
+    dx  = dzr @ W' - (r**2 * c / D) * x
+    dW' = dzr.T @ x               dW = dW' * g          dg = sum_n dW' * W
 
 These helpers are the PyTorch reference of the epilogues that implement them;
 every fused op (``rmsnorm_qkv_rope``, ``rmsnorm_swiglu_mlp``,
@@ -63,8 +64,13 @@ def deferred_norm_linear(
     return z.to(rstd.dtype) * rstd[:, None]
 
 
+def rstd_scaled(dz: torch.Tensor, rstd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dzr = r * dz`` in ``dtype``: the gradient operand of the dgrad and wgrad GEMMs."""
+    return (dz.to(rstd.dtype) * rstd[:, None]).to(dtype)
+
+
 def rmsnorm_input_grad(
-    dz: torch.Tensor,
+    dzr: torch.Tensor,
     x: torch.Tensor,
     rstd: torch.Tensor,
     folded_weight: torch.Tensor,
@@ -72,14 +78,15 @@ def rmsnorm_input_grad(
     residual_grad: torch.Tensor | None = None,
     fp8: str | None = None,
 ) -> torch.Tensor:
-    """``dx = r * (dz @ W') - (r**2 * c / D) * x [+ residual_grad]``, ``c = zdz``.
+    """``dx = dzr @ W' - (r**2 * c / D) * x [+ residual_grad]``, ``c = zdz``.
 
-    The dgrad GEMM ``dz @ W'`` with the RMSNorm backward in its epilogue; the
-    optional residual gradient is added before the single rounding to x's dtype.
+    The dgrad GEMM ``dzr @ W'`` (``dzr = rstd_scaled(dz)``) with the RMSNorm
+    backward in its epilogue; the optional residual gradient is added before the
+    single rounding to x's dtype.
     """
     d = x.shape[-1]
     acc = rstd.dtype
-    dx = gemm(dz, folded_weight, fp8, ("grad", "weight")).to(acc) * rstd[:, None] - (
+    dx = gemm(dzr, folded_weight, fp8, ("grad", "weight")).to(acc) - (
         rstd.square() * zdz / d
     )[:, None] * x.to(acc)
     if residual_grad is not None:
@@ -87,9 +94,9 @@ def rmsnorm_input_grad(
     return dx.to(x.dtype)
 
 
-def normalized_input(x: torch.Tensor, rstd: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x_hat = r * x`` in the compute dtype: the B operand of the folded-weight wgrad."""
-    return (x.to(rstd.dtype) * rstd[:, None]).to(dtype)
+def folded_weight_grad(dzr: torch.Tensor, x: torch.Tensor, fp8: str | None = None) -> torch.Tensor:
+    """``dW' = dzr.T @ x``, x in the GEMM dtype (``dzr``'s): the wgrad GEMM."""
+    return gemm(dzr.t(), x.to(dzr.dtype), fp8, ("grad", "act"))
 
 
 def unfold_weight_grads(

@@ -24,10 +24,11 @@ from .deferred_rmsnorm import (
     acc_dtype,
     deferred_norm_linear,
     fold_norm_weight,
-    normalized_input,
+    folded_weight_grad,
     rmsnorm_input_grad,
     row_sumsq,
     rstd_from_sumsq,
+    rstd_scaled,
     unfold_weight_grads,
 )
 
@@ -69,9 +70,9 @@ class RMSNormLinearCrossEntropy(torch.autograd.Function):
             dz.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], -1.0))
             dz *= valid[:, None]
             zdz = (dz * z).sum(-1)
-            dz = dz.to(weight.dtype)
-            dh[start : start + chunk_tokens] = rmsnorm_input_grad(dz, hc, rstd, folded, zdz)
-            dfolded += dz.t() @ normalized_input(hc, rstd, weight.dtype)
+            dzr = rstd_scaled(dz, rstd, weight.dtype)
+            dh[start : start + chunk_tokens] = rmsnorm_input_grad(dzr, hc, rstd, folded, zdz)
+            dfolded += folded_weight_grad(dzr, hc)
         if compute_grad:
             dweight, dnorm = unfold_weight_grads(dfolded, weight, norm_weight)
             ctx.save_for_backward(dh, dnorm, dweight)

@@ -20,13 +20,13 @@ from .deferred_rmsnorm import (
     acc_dtype,
     deferred_norm_linear,
     fold_norm_weight,
-    normalized_input,
+    folded_weight_grad,
     rmsnorm_input_grad,
     row_sumsq,
     rstd_from_sumsq,
+    rstd_scaled,
     unfold_weight_grads,
 )
-from .fp8 import gemm
 
 
 def token_positions(
@@ -85,13 +85,12 @@ class RMSNormQKVRoPE(torch.autograd.Function):
         dz = torch.cat(
             (rotate(dq, cos, sin, inverse=True), rotate(dk, cos, sin, inverse=True), dv),
             dim=-1,
-        ).to(weight.dtype)
-        folded = fold_norm_weight(weight, norm_weight)
-        dx = rmsnorm_input_grad(dz, x, rstd, folded, zdz, fp8=ctx.fp8)
-        dweight, dnorm = unfold_weight_grads(
-            gemm(dz.t(), normalized_input(x, rstd, weight.dtype), ctx.fp8, ("grad", "act")),
-            weight, norm_weight,
         )
+        dzr = rstd_scaled(dz, rstd, weight.dtype)
+        folded = fold_norm_weight(weight, norm_weight)
+        dx = rmsnorm_input_grad(dzr, x, rstd, folded, zdz, fp8=ctx.fp8)
+        dweight, dnorm = unfold_weight_grads(folded_weight_grad(dzr, x, ctx.fp8), weight,
+                                             norm_weight)
         dwq, dwk, dwv = dweight.split(ctx.splits)
         return dx, dnorm, dwq, dwk, dwv, None, None, None, None
 

@@ -22,10 +22,11 @@ import torch
 from .deferred_rmsnorm import (
     deferred_norm_linear,
     fold_norm_weight,
-    normalized_input,
+    folded_weight_grad,
     rmsnorm_input_grad,
     row_sumsq,
     rstd_from_sumsq,
+    rstd_scaled,
     unfold_weight_grads,
 )
 from .fp8 import gemm
@@ -60,14 +61,11 @@ class RMSNormSwiGLUMLP(torch.autograd.Function):
         dz3 = da * silu
         zdz = (dz1 * z1 + dz3 * z3).sum(-1)
         dw2 = gemm(dout_c.t(), (silu * z3).to(dtype), ctx.fp8, ("grad", "act"))
-        dz = torch.cat((dz1, dz3), dim=-1).to(dtype)
+        dzr = rstd_scaled(torch.cat((dz1, dz3), dim=-1), rstd, dtype)
         dh = rmsnorm_input_grad(
-            dz, h, rstd, fold_norm_weight(w13, norm_weight), zdz, residual_grad=dout, fp8=ctx.fp8
+            dzr, h, rstd, fold_norm_weight(w13, norm_weight), zdz, residual_grad=dout, fp8=ctx.fp8
         )
-        dw13, dnorm = unfold_weight_grads(
-            gemm(dz.t(), normalized_input(h, rstd, dtype), ctx.fp8, ("grad", "act")),
-            w13, norm_weight,
-        )
+        dw13, dnorm = unfold_weight_grads(folded_weight_grad(dzr, h, ctx.fp8), w13, norm_weight)
         dw1, dw3 = dw13.chunk(2)
         return dh.view(shape), None, dnorm, dw1, dw3, dw2, None, None
 

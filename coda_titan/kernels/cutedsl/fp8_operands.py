@@ -14,14 +14,18 @@ is cast in the orientations its GEMMs contract it along:
   update (``..prepared_weights``, tagged apart from the bf16 fold) when the
   converter keeps prepared weights, else once per pass.
 
-The epilogue GEMMs (forward and dgrad, K = D or F) run quack's fast
-accumulation; the wgrads (K = tokens, the longest sums) run cuBLAS
-``torch._scaled_mm`` with its accurate accumulation, as torchao does for its
-gradient GEMMs. All of this runs inside custom ops (the backward formulas
-of the ops call an FP8 backward custom op), where the casts and the
-prepared-weight lookups are opaque to the graph. Each GEMM's dequantization
-factor ``1 / (s_a s_b)`` is a 1-element fp32 tensor (no host sync), which the
-epilogues multiply into the accumulator.
+The epilogue GEMMs (forward, and the dgrads of the three fused ops: K = D, F
+or 2F) run quack's fast accumulation; torchao keeps its dgrads accurate, but
+on the GPU tests (up to K = 28672) the kernels' errors equal those of the FP8
+reference, whose sums are exact fp32 (``tests/test_gpu_fp8.py``). The wgrads
+(K = tokens, the longest sums) and wo's plain dgrad run cuBLAS
+``torch._scaled_mm`` with its accurate accumulation.
+
+All of this runs inside custom ops (the backward formulas of the ops call an
+FP8 backward custom op), where the casts and the prepared-weight lookups are
+opaque to the graph. Each GEMM's dequantization factor ``1 / (s_a s_b)`` is a
+1-element fp32 tensor (no host sync), which the epilogues multiply into the
+accumulator.
 """
 
 from typing import NamedTuple
@@ -39,6 +43,12 @@ CAST_BLOCK = 128
 # quack's SM90 FP8 main loop promotes its accumulator every K tile by default
 # (about 180 TFLOP/s); this turns that off (1300-1470 TFLOP/s on the H200).
 FAST_ACCUM = (("fp8_slow_accum", False),)
+
+
+def accumulation(a: torch.Tensor) -> tuple:
+    """quack's ``post_init_attrs`` for a GEMM whose A operand is ``a``: fast
+    accumulation for FP8 operands, nothing for bf16."""
+    return FAST_ACCUM if a.dtype.itemsize == 1 else ()
 
 
 class Fp8Operand(NamedTuple):
@@ -78,6 +88,10 @@ def quantize(x: torch.Tensor, kind: str, rows: bool = True, cols: bool = False) 
     """``x`` (M, K) in the FP8 format of ``kind`` (act, weight, grad; ``..fp8.FORMATS``)."""
     x, dtype = x.contiguous(), FORMATS[kind]
     (m, n), device = x.shape, x.device
+    if (m + 16) * n >= 2**31:
+        raise ValueError(f"FP8 cast of a {m} x {n} tensor: the cast kernel indexes in int32, "
+                         f"so an operand must have under 2**31 elements; use fewer tokens per "
+                         f"micro-batch")
     amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
     # cuBLAS FP8 wants K (for ``cols``: the wgrads' tokens) a multiple of 16; the
     # zero columns of the padding add nothing to the sums.

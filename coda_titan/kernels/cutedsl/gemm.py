@@ -3,7 +3,7 @@
 Every kernel is a quack SM90 GEMM (WGMMA + TMA, persistent) with one of our
 epilogues, called with a fixed tile configuration (no autotuning on the
 training path). Inputs a kernel cannot take (not CUDA, not bf16, not
-contiguous, a dimension not a multiple of 8) fall back to the PyTorch
+contiguous, a dimension not a multiple of 8, or 16 under FP8) fall back to the PyTorch
 reference, reported once with the reason (``..fallback``), never a CUTLASS
 error; operands at an unaligned offset are copied inside the op.
 """

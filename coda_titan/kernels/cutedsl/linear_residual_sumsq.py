@@ -35,9 +35,9 @@ def residual_sumsq_gemm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
     cfg = TILES["residual_deep" if k > 2 * n else "residual_square"]
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     partials = tile_partials(a.shape[0], n, cfg, x.device)
-    fast = fp8_operands.FAST_ACCUM if a.dtype.itemsize == 1 else ()
     residual_sumsq_epi.gemm(a, weight, h.view(-1, n), x.view(-1, n),
-                            epi_args=dict(sumsq=partials, dq=dq), post_init_attrs=fast, **cfg)
+                            epi_args=dict(sumsq=partials, dq=dq),
+                            post_init_attrs=fp8_operands.accumulation(a), **cfg)
     return h, partials.sum(-1)
 
 
@@ -60,9 +60,9 @@ def _(x, o, weight, fp8, keep):
 
 
 def _setup_context(ctx, inputs, output):
-    _, o, weight, fp8, keep = inputs
+    _, o, weight, fp8, _ = inputs
     ctx.save_for_backward(o, weight)
-    ctx.fp8, ctx.keep = fp8, keep
+    ctx.fp8 = fp8
     ctx.mark_non_differentiable(output[1])
 
 

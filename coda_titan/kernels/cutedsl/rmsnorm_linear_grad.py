@@ -43,10 +43,11 @@ def rmsnorm_linear_grad(
     """dx for ``W' = stack_rows(weights, interleave) * norm_weight``. ``dzr`` bf16, or
     FP8 (e5m2) with its ``1 / scale``: then the GEMM runs on the FP8 ``W'``."""
     if dzr_inv_scale is None:
-        folded, dq, fast = folded_weight(weights, norm_weight, interleave, last=True).mT, 1.0, ()
+        folded, dq = folded_weight(weights, norm_weight, interleave, last=True).mT, 1.0
     else:
         w = fp8_operands.weight(weights, norm_weight, interleave, last=True)
-        folded, dq, fast = w.cols, dzr_inv_scale * w.inv_scale, fp8_operands.FAST_ACCUM
+        folded, dq = w.cols, dzr_inv_scale * w.inv_scale
+    fast = fp8_operands.accumulation(dzr)
     dzr, folded, x, residual_grad = aligned(dzr, folded, x, residual_grad)
     dx = torch.empty_like(x)
     epi_args = dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1]), dq=dq)

@@ -62,8 +62,7 @@ def rmsnorm_qkv_rope_gemm(
     dequantization folded into ``rstd``."""
     x, rstd, folded_weight, positions, freq = aligned(x, rstd, folded_weight, positions, freq)
     qkv = torch.empty(x.shape[0], folded_weight.shape[0], dtype=torch.bfloat16, device=x.device)
-    fast = fp8_operands.FAST_ACCUM if x.dtype.itemsize == 1 else ()
-    rstd_rope_epi.gemm(x, folded_weight, qkv, None, post_init_attrs=fast,
+    rstd_rope_epi.gemm(x, folded_weight, qkv, None, post_init_attrs=fp8_operands.accumulation(x),
                        epi_args=dict(pos=positions, freq=freq, rstd=rstd), **CFG)
     return qkv
 

@@ -69,10 +69,6 @@ def dswiglu_drstd_epi(acc, c, rstd, dq):
     return {"D": pack(dgate * rstd, dup * rstd), "act": act, "drstd": dgate * gate + dup * up}
 
 
-def _fast(a: torch.Tensor) -> tuple:
-    return fp8_operands.FAST_ACCUM if a.dtype.itemsize == 1 else ()
-
-
 def rmsnorm_swiglu_gemm(h: torch.Tensor, rstd: torch.Tensor, w13: torch.Tensor,
                         dq: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(GU, act) from ``h @ W13'.T``: bf16 operands, or FP8 with ``dq = 1 / (s_h s_w)``."""
@@ -80,7 +76,7 @@ def rmsnorm_swiglu_gemm(h: torch.Tensor, rstd: torch.Tensor, w13: torch.Tensor,
     gu = torch.empty(h.shape[0], w13.shape[0], dtype=torch.bfloat16, device=h.device)
     act = torch.empty(h.shape[0], w13.shape[0] // 2, dtype=torch.bfloat16, device=h.device)
     rstd_swiglu_epi.gemm(h, w13, gu, None, epi_args=dict(rstd=rstd, act=act, dq=dq),
-                         post_init_attrs=_fast(h), **CFG_UP)
+                         post_init_attrs=fp8_operands.accumulation(h), **CFG_UP)
     return gu, act
 
 
@@ -95,7 +91,7 @@ def dswiglu_drstd_gemm(dout: torch.Tensor, w2t: torch.Tensor, gu: torch.Tensor, 
     partials = tile_partials(m, hidden, CFG_DOWN_GRAD, dout.device)
     dswiglu_drstd_epi.gemm(dout, w2t, dgu, gu,
                            epi_args=dict(rstd=rstd, act=act, drstd=partials, dq=dq),
-                           post_init_attrs=_fast(dout), **CFG_DOWN_GRAD)
+                           post_init_attrs=fp8_operands.accumulation(dout), **CFG_DOWN_GRAD)
     return dgu, act, partials.sum(-1)
 
 
