@@ -57,7 +57,9 @@ def keeps_folded_weights(ac_mode: str, fsdp: bool) -> bool:
     (1B -2, 3B -4 ms, peak +1.2 / +3.4 GiB, still 7.2 / 1.7 GiB under
     TorchTitan's). Not under selective AC, where CODA saves more than TorchTitan
     already (8B seq 8192: 8.5 GiB more for ~6 ms), nor under FSDP, which gathers
-    the weights again for the backward.
+    the weights again for the backward. These figures are bf16's; under
+    ``fp8 = "coda"`` the kept weights are FP8 in both orientations, wo and w2
+    included (8B full AC: peak 63.9 GiB against bf16's 60.0).
     """
     return ac_mode in ("none", "full") and not fsdp
 

@@ -15,6 +15,9 @@ backward
   read ``dzr`` as an operand), then
   ``dx`` from the dgrad GEMM with the RMSNorm backward in its epilogue, and the
   plain wgrad ``dW' = dzr.T @ x``.
+Under the FP8 recipe (``fp8``) the GEMMs take FP8 operands (``.fp8_operands``):
+the forward's dequantization folds into ``r``, the dgrad's into its epilogue,
+the wgrad runs in cuBLAS.
 """
 
 import cuda.bindings.driver as cuda

@@ -16,6 +16,8 @@ backward
   4. ``dh = dGU @ W13 + dout - (r**3 dL/dr / D) h``: the RMSNorm backward and
      the residual gradient in the dgrad epilogue.
 Weight gradients ``dW2 = dout.T @ a`` and ``dW13 = dGU.T @ h`` are plain GEMMs.
+Under the FP8 recipe (``fp8``) every GEMM takes FP8 operands (``.fp8_operands``):
+the four above dequantize in their epilogues, the wgrads run in cuBLAS.
 
 Steps 1 and 2 are two custom ops. The second, ``out = h + a @ W2.T``, takes
 GU, ``a`` and ``r`` from the first as caches of functions of its other inputs
