@@ -119,6 +119,13 @@ def weight(weights: list[torch.Tensor], norm_weight: torch.Tensor | None, interl
     return taken(tag, sources, build) if last else prepared(tag, sources, build, keep)
 
 
+def wgrad(grad: Fp8Operand, x: torch.Tensor) -> torch.Tensor:
+    """``dW = dy.T @ x`` from the gradient's transposed cast (``grad.cols``) and
+    the activation ``x`` (M, K), cast here to its transposed e4m3 copy."""
+    a = quantize(x, "act", rows=False, cols=True)
+    return scaled_mm(grad.cols, grad.inv_scale, a.cols, a.inv_scale, x.dtype)
+
+
 def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
               out_dtype: torch.dtype) -> torch.Tensor:
     """``a @ b.T`` for FP8 ``a`` (M, K) and ``b`` (N, K), both K-major, with their

@@ -73,9 +73,8 @@ def linear_grads_fp8(dh: torch.Tensor, o: torch.Tensor, weight: torch.Tensor
     forward's FP8 weight taken (its last reader)."""
     g = fp8_operands.quantize(dh, "grad", rows=True, cols=True)
     w = fp8_operands.weight([weight], None, False, last=True)
-    a = fp8_operands.quantize(o, "act", rows=False, cols=True)
     return (fp8_operands.scaled_mm(g.rows, g.inv_scale, w.cols, w.inv_scale, o.dtype),
-            fp8_operands.scaled_mm(g.cols, g.inv_scale, a.cols, a.inv_scale, weight.dtype))
+            fp8_operands.wgrad(g, o))
 
 
 @linear_grads_fp8.register_fake

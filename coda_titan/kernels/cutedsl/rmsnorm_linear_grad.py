@@ -63,3 +63,21 @@ def rmsnorm_linear_grad(
 @rmsnorm_linear_grad.register_fake
 def _(dzr, dzr_inv_scale, weights, norm_weight, interleave, x, zdz_r2, residual_grad):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("coda::rmsnorm_linear_grads_fp8", mutates_args=(), device_types="cuda")
+def rmsnorm_linear_grads_fp8(
+    dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
+    x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dW') in FP8 from the bf16 ``dzr``, cast once for both GEMMs: the dgrad
+    with the RMSNorm backward in its epilogue, the wgrad ``dzr.T @ x`` in cuBLAS."""
+    dz = fp8_operands.quantize(dzr, "grad", rows=True, cols=True)
+    dx = rmsnorm_linear_grad(dz.rows, dz.inv_scale, weights, norm_weight, interleave, x, zdz_r2,
+                             residual_grad)
+    return dx, fp8_operands.wgrad(dz, x)
+
+
+@rmsnorm_linear_grads_fp8.register_fake
+def _(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad):
+    return torch.empty_like(x), x.new_empty(dzr.shape[1], x.shape[1])

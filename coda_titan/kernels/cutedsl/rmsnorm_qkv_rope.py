@@ -40,7 +40,7 @@ from ..fallback import report_fallback
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from . import fp8_operands
 from .gemm import TILES, aligned, folded_weight, unfold_grads, unsupported_reason
-from .rmsnorm_linear_grad import rmsnorm_linear_grad
+from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
 from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, row_rstd, vector
 
 CFG = TILES["qkv_rope"]
@@ -198,24 +198,6 @@ def _setup_context(ctx, inputs, output):
     ctx.fp8 = fp8
 
 
-@torch.library.custom_op("coda::rmsnorm_linear_grads_fp8", mutates_args=(), device_types="cuda")
-def rmsnorm_linear_grads_fp8(
-    dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, x: torch.Tensor,
-    zdz_r2: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dW') in FP8: the dgrad with the RMSNorm backward in its epilogue
-    (``rmsnorm_linear_grad``), the wgrad ``dzr.T @ x`` in cuBLAS."""
-    dz = fp8_operands.quantize(dzr, "grad", rows=True, cols=True)
-    dx = rmsnorm_linear_grad(dz.rows, dz.inv_scale, weights, norm_weight, False, x, zdz_r2, None)
-    a = fp8_operands.quantize(x, "act", rows=False, cols=True)
-    return dx, fp8_operands.scaled_mm(dz.cols, dz.inv_scale, a.cols, a.inv_scale, x.dtype)
-
-
-@rmsnorm_linear_grads_fp8.register_fake
-def _(dzr, weights, norm_weight, x, zdz_r2):
-    return torch.empty_like(x), x.new_empty(dzr.shape[1], x.shape[1])
-
-
 def _backward(ctx, dqkv, _drstd):
     x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv = ctx.saved_tensors
     nq, nk = wq.shape[0], wk.shape[0]
@@ -225,7 +207,8 @@ def _backward(ctx, dqkv, _drstd):
         dx = rmsnorm_linear_grad(dzr, None, weights, norm_weight, False, x, zdz_r2, None)
         folded_grad = dzr.t() @ x
     else:
-        dx, folded_grad = rmsnorm_linear_grads_fp8(dzr, weights, norm_weight, x, zdz_r2)
+        dx, folded_grad = rmsnorm_linear_grads_fp8(dzr, weights, norm_weight, False, x, zdz_r2,
+                                                   None)
     dwq, dwk, dwv, dnorm = unfold_grads(folded_grad, weights, norm_weight, False)
     return dx, dnorm, dwq, dwk, dwv, None, None, None, None, None
 

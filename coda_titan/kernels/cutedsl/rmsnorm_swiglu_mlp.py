@@ -42,7 +42,7 @@ from . import fp8_operands
 from .gemm import (
     TILES, aligned, folded_weight, tile_partials, unfold_grads, unsupported_reason)
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
-from .rmsnorm_linear_grad import rmsnorm_linear_grad
+from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
 
 CFG_UP = TILES["swiglu"]
 CFG_DOWN_GRAD = TILES["dswiglu"]
@@ -175,13 +175,10 @@ def swiglu_mlp_grads_fp8(
     g = fp8_operands.quantize(dout, "grad", rows=True, cols=True)
     w = fp8_operands.weight([w2], None, False, last=True)
     dgu, act, drstd = dswiglu_drstd_gemm(g.rows, w.cols, gu, rstd, g.inv_scale * w.inv_scale)
-    a = fp8_operands.quantize(act, "act", rows=False, cols=True)
-    dw2 = fp8_operands.scaled_mm(g.cols, g.inv_scale, a.cols, a.inv_scale, w2.dtype)
-    dz = fp8_operands.quantize(dgu, "grad", rows=True, cols=True)
-    dh = rmsnorm_linear_grad(dz.rows, dz.inv_scale, [w1, w3], norm_weight, True, h2d,
-                             rstd.pow(3) * drstd, dout)
-    x = fp8_operands.quantize(h2d, "act", rows=False, cols=True)
-    return dh, dw2, fp8_operands.scaled_mm(dz.cols, dz.inv_scale, x.cols, x.inv_scale, w1.dtype)
+    dw2 = fp8_operands.wgrad(g, act)
+    dh, dw13 = rmsnorm_linear_grads_fp8(dgu, [w1, w3], norm_weight, True, h2d,
+                                        rstd.pow(3) * drstd, dout)
+    return dh, dw2, dw13
 
 
 @swiglu_mlp_grads_fp8.register_fake
