@@ -85,7 +85,7 @@ def resolve_backend(requested: str, blocker: str | None = None) -> str:
 
 
 # The FP8 recipes (``kernels.fp8.RECIPES``) the CuTe DSL kernels implement.
-FP8_KERNEL_RECIPES = ("tensorwise",)
+FP8_KERNEL_RECIPES = ("tensorwise", "delayed")
 
 
 def resolve_fp8_backend(requested: str, recipe: str, blocker: str | None = None) -> str:
@@ -103,8 +103,8 @@ def resolve_fp8_backend(requested: str, recipe: str, blocker: str | None = None)
     if requested == "cutedsl" or (requested == "auto" and reason is None):
         raise RuntimeError(
             f'[coda] backend = {requested!r} with fp8_recipe = {recipe!r}: that recipe has no '
-            f'SM90 kernels (they implement {", ".join(FP8_KERNEL_RECIPES)}). Use fp8_recipe = '
-            f'"tensorwise", or backend = "reference" to run its PyTorch reference (slow)')
+            f'SM90 kernels (they implement {", ".join(FP8_KERNEL_RECIPES)}). Use one of those, '
+            f'or backend = "reference" to run its PyTorch reference (slow)')
     note = f"CODA backend: reference (PyTorch, FP8 {recipe} GEMMs, fake-quantized)"
     if requested == "reference":
         logger.info(f"{note}, as configured")

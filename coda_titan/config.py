@@ -44,13 +44,16 @@ class Coda:
     ``quantize.linear.float8`` after ``coda`` in ``[model] converters``).
     ``coda``: the fused block ops' GEMMs (forward, dgrad, wgrad) in FP8 with
     ``fp8_recipe``, quantized inside the ops; the LM head stays bf16. The
-    kernels implement ``tensorwise``; ``blockwise`` runs the PyTorch reference
-    only (``backend = "reference"``)."""
+    kernels implement ``tensorwise`` and ``delayed``; ``blockwise`` runs the
+    PyTorch reference only (``backend = "reference"``)."""
 
     fp8_recipe: str = "tensorwise"
     """With ``fp8 = "coda"``, how operands are scaled: ``tensorwise`` (one scale
-    per tensor from its amax, as TorchTitan's float8) | ``blockwise`` (1 x 128
-    blocks of activations and gradients, 128 x 128 of weights)."""
+    per tensor from its amax, as TorchTitan's float8) | ``delayed`` (activations
+    and gradients from their amax over the last 16 steps, Transformer Engine's
+    recipe: no amax pass; the history is a buffer of each block, so checkpoints
+    of a ``delayed`` run hold it and those of other runs do not load into one) |
+    ``blockwise`` (1 x 128 blocks of activations and gradients, 128 x 128 of weights)."""
 
     loss_chunk_tokens: int = 1024
     """Tokens per chunk of the fused loss. Its memory is one chunk of logits

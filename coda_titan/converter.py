@@ -30,6 +30,7 @@ from .backend import (
 from .config import Coda
 from .kernels import prepared_weights
 from .layers import CodaTransformerBlock, DeferredRMSNorm, FusedLMHead
+from .layers.delayed_scaling import DelayedScaling
 
 FLOAT8_CONVERTER = "quantize.linear.float8"
 
@@ -122,6 +123,7 @@ class CodaConverter:
         self.backend = (
             resolve_fp8_backend(coda.backend, coda.fp8_recipe, self.activations_blocker)
             if coda.fp8 == "coda" else resolve_backend(coda.backend, self.activations_blocker))
+        self.delayed_scaling = DelayedScaling()
 
     @staticmethod
     def _check_fp8_converters(coda: Coda, job_config: JobConfig) -> None:
@@ -164,8 +166,10 @@ class CodaConverter:
     def post_optimizer_hook(self, model: nn.Module | list[nn.Module]) -> None:
         """The weights changed: drop their prepared (folded) forms, built again on
         first use. ``torch.optim`` steps do so already (``prepared_weights``);
-        this covers any other optimizer TorchTitan is given."""
+        this covers any other optimizer TorchTitan is given. Under the ``delayed``
+        FP8 recipe, the amax histories move on a step (``DelayedScaling``)."""
         prepared_weights.clear()
+        self.delayed_scaling.step(model)
 
 
 def model_attention(model: nn.Module, coda: Coda, blocker: str | None = None) -> str:

@@ -18,6 +18,9 @@
             whatever the AC mode: what the converter's choice costs or saves
   coda_fp8  coda with ``[coda] fp8 = "coda"``: every GEMM of the fused block ops
             in FP8 (tensorwise; the LM head bf16), as configs/llama3_*_coda_fp8.toml
+  coda_fp8_delayed
+            coda_fp8 with ``fp8_recipe = "delayed"`` (amax histories, stepped after
+            each optimizer step as the converter's hook does)
   coda@NAME=TM,TN,CM,CN,PP[/NAME=...]
             the coda arm with GEMM tile configs replaced for this arm only
             (``TILES[NAME]``: tile M/N, cluster M/N, pingpong 0/1), to choose
@@ -60,6 +63,7 @@ from coda_titan.backend import ATTENTIONS
 from coda_titan.config import Coda
 from coda_titan.converter import convert_model, keeps_folded_weights
 from coda_titan.layers import CodaTransformerBlock
+from coda_titan.layers.delayed_scaling import DelayedScaling
 from coda_titan.train_spec import build_coda_loss, coda_llama3_args
 
 GEMM_MARKERS = ("gemm", "nvjet", "GemmMod", "xmma", "cublas", "cutlass_kernel_quackepilogue")
@@ -146,13 +150,14 @@ def liger_arm(flavor, seq, ac):
     return model, loss_fn
 
 
-def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None, fp8="none"):
+def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None, fp8="none",
+             fp8_recipe="tensorwise"):
     """``keep_weights`` None: as the converter chooses. ``fp8 = "coda"``: the FP8
-    tensorwise kernels (``configs/llama3_*_coda_fp8.toml``)."""
+    kernels (``configs/llama3_*_coda_fp8.toml``) with ``fp8_recipe``."""
     model = build_model(flavor, seq)
     keep = keeps_folded_weights(ac.partition("-")[0], False) if keep_weights is None else keep_weights
     convert_model(model, Coda(backend="cutedsl", attention=attention, loss_chunk_tokens=8192,
-                              fp8=fp8),
+                              fp8=fp8, fp8_recipe=fp8_recipe),
                   "cutedsl", keep_weights=keep)
     model = materialize(model)
     wrap_blocks(model, ac, compile=True)
@@ -164,7 +169,8 @@ def coda_arm(flavor, seq, ac, attention="auto", keep_weights=None, fp8="none"):
 ARMS = {"baseline": baseline_arm, "float8": float8_arm, "liger": liger_arm, "coda": coda_arm,
         "coda_refold": functools.partial(coda_arm, keep_weights=False),
         "coda_keep": functools.partial(coda_arm, keep_weights=True),
-        "coda_fp8": functools.partial(coda_arm, fp8="coda")}
+        "coda_fp8": functools.partial(coda_arm, fp8="coda"),
+        "coda_fp8_delayed": functools.partial(coda_arm, fp8="coda", fp8_recipe="delayed")}
 
 
 def classify(name: str) -> str:
@@ -213,6 +219,7 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels):
     gen = torch.Generator(device="cuda").manual_seed(1)
     tokens = torch.randint(0, vocab, (batch, seq + 1), device="cuda", generator=gen)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    scaling = DelayedScaling()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -220,6 +227,7 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
+        scaling.step(model)  # what the converter's post_optimizer_hook runs
         return loss
 
     first_loss = step().item()

@@ -17,11 +17,14 @@ from coda_titan import backend as backend_module
 from coda_titan.config import Coda
 from coda_titan.converter import CodaConverter, convert_model
 from coda_titan.kernels import REFERENCE, ops_for
-from coda_titan.kernels.fp8 import FORMATS, RECIPES, fake_quantize, gemm, quantize
+from coda_titan.kernels.fp8 import (
+    FORMATS, HISTORY, HISTORY_SITES, RECIPES, fake_quantize, gemm, quantize, roll_history)
 
 from .conftest import rel_err
 from .test_converter import job_config, make_model, single_device
 
+# The recipes that scale from the tensor itself; ``delayed`` has tests of its own.
+STATELESS = ("tensorwise", "blockwise")
 HALF_ULP = {torch.float8_e4m3fn: (2.0**-4, 2.0**-10), torch.float8_e5m2: (2.0**-3, 2.0**-17)}
 
 
@@ -32,7 +35,7 @@ def per_element_scale(x, kind, recipe):
     return scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[: x.shape[0], : x.shape[1]]
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", STATELESS)
 @pytest.mark.parametrize("kind", ["act", "weight", "grad"])
 def test_quantization_error_within_the_format_half_ulp(recipe, kind):
     torch.manual_seed(0)
@@ -55,7 +58,7 @@ def test_blockwise_keeps_an_outlier_channel_local_and_everything_saturates_finit
     far = x[:, 128:]
     assert rel_err(blockwise + far, far) < 0.04  # the other blocks keep their precision
     assert rel_err(tensorwise + far, far) > 0.2  # one scale: they fall to subnormals
-    for recipe in RECIPES:
+    for recipe in STATELESS:
         for kind in ("act", "grad"):
             q, _ = quantize(x * 1e30, kind, recipe)
             assert torch.isfinite(q.float()).all()
@@ -65,11 +68,53 @@ def test_blockwise_keeps_an_outlier_channel_local_and_everything_saturates_finit
 def test_a_tiny_amax_quantizes_finite():
     x = torch.zeros(2, 256)
     x[0, 0] = 1e-39  # fmax / amax would overflow to inf
-    for recipe in RECIPES:
+    for recipe in STATELESS:
         assert torch.isfinite(fake_quantize(x, "grad", recipe)).all()
+    assert torch.isfinite(fake_quantize(x, "grad", "delayed", torch.full((1 + HISTORY,), 1e-39))).all()
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+def test_delayed_scales_from_the_history_and_records_the_amax():
+    torch.manual_seed(4)
+    x = torch.randn(64, 256) * 3
+    amax = x.abs().max()
+    history = torch.zeros(1 + HISTORY)
+    history[4] = amax
+    assert torch.equal(fake_quantize(x, "act", "delayed", history), fake_quantize(x, "act", "tensorwise"))
+    assert history[0] == amax and history[4] == amax and history[1:4].eq(0).all()
+    history[4] = amax / 4  # the amax outgrew its history: the top values saturate
+    q, scale = quantize(x, "grad", "delayed", history)
+    assert scale.item() == pytest.approx(torch.finfo(torch.float8_e5m2).max / (amax / 4))
+    top = q.float().abs() == torch.finfo(torch.float8_e5m2).max
+    assert top.any() and torch.isfinite(q.float()).all()
+    assert top[x.abs() >= amax / 4].all() and (x.abs()[top] >= amax / 4 * 0.9).all()
+    history[0] = 2 * amax  # recorded as a running max over the step
+    quantize(x, "act", "delayed", history)
+    assert history[0] == 2 * amax
+    # a weight (no history) is scaled from its own amax
+    assert torch.equal(fake_quantize(x, "weight", "delayed"), fake_quantize(x, "weight", "tensorwise"))
+
+
+def test_tensorwise_records_in_a_history_and_roll_moves_it_on():
+    x = torch.randn(8, 16)
+    history = torch.zeros(2, 1 + HISTORY)
+    quantize(x, "act", "tensorwise", history[1])
+    assert history[1, 0] == x.abs().max() and not history[0].any()
+    history[1, 1:] = torch.arange(1.0, 1 + HISTORY)
+    roll_history(history)
+    assert history[1, 0] == 0 and history[1, 1] == x.abs().max()
+    assert torch.equal(history[1, 2:], torch.arange(1.0, HISTORY))
+
+
+@pytest.mark.parametrize("recipe, history, message", [
+    ("delayed", None, "needs an amax history for act operands"),
+    ("blockwise", torch.zeros(1 + HISTORY), "keeps no amax history"),
+])
+def test_history_errors(recipe, history, message):
+    with pytest.raises(ValueError, match=message):
+        quantize(torch.ones(4, 4), "act", recipe, history)
+
+
+@pytest.mark.parametrize("recipe", STATELESS)
 def test_gemm_against_float64(recipe):
     torch.manual_seed(1)
     a, b = torch.randn(200, 384, dtype=torch.float64), torch.randn(384, 96, dtype=torch.float64)
@@ -99,24 +144,24 @@ def fused_cases(dtype):
     freqs = precompute_freqs_cis(hd, m, 500000.0).to(torch.complex128)
     positions = torch.arange(m)
     return [
-        ("rmsnorm_qkv_rope", lambda fp8, x, g, wq, wk, wv: REFERENCE.rmsnorm_qkv_rope(
-            x, g, wq, wk, wv, freqs, positions, 1e-5, fp8=fp8),
+        ("rmsnorm_qkv_rope", lambda fp8, x, g, wq, wk, wv, **kw: REFERENCE.rmsnorm_qkv_rope(
+            x, g, wq, wk, wv, freqs, positions, 1e-5, fp8=fp8, **kw),
          [x, g, w(hq * hd, d), w(hkv * hd, d), w(hkv * hd, d)], (m, (hq + 2 * hkv) * hd)),
-        ("linear_residual_sumsq", lambda fp8, x, o, wo: REFERENCE.linear_residual_sumsq(
-            x, o, wo, fp8=fp8)[0], [x, x.clone(), w(d, d)], (m, d)),
-        ("rmsnorm_swiglu_mlp", lambda fp8, h, g, w1, w3, w2: REFERENCE.rmsnorm_swiglu_mlp(
-            h, g, w1, w3, w2, 1e-5, fp8=fp8), [x, g, w(f, d), w(f, d), w(d, f)], (m, d)),
+        ("linear_residual_sumsq", lambda fp8, x, o, wo, **kw: REFERENCE.linear_residual_sumsq(
+            x, o, wo, fp8=fp8, **kw)[0], [x, x.clone(), w(d, d)], (m, d)),
+        ("rmsnorm_swiglu_mlp", lambda fp8, h, g, w1, w3, w2, **kw: REFERENCE.rmsnorm_swiglu_mlp(
+            h, g, w1, w3, w2, 1e-5, fp8=fp8, **kw), [x, g, w(f, d), w(f, d), w(d, f)], (m, d)),
     ]
 
 
-def outputs_and_grads(fn, fp8, inputs, grad_out):
+def outputs_and_grads(fn, fp8, inputs, grad_out, **kw):
     inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(fp8, *inputs)
+    out = fn(fp8, *inputs, **kw)
     out.backward(grad_out)
     return [out.detach()] + [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", STATELESS)
 @pytest.mark.parametrize("case", range(3))
 def test_fused_ops_in_fp8_against_float64(recipe, case):
     """Output and every gradient within FP8 tolerance of the float64 op (output
@@ -134,6 +179,25 @@ def test_fused_ops_in_fp8_against_float64(recipe, case):
         assert rel_err(p, t) < 1e-5, (name, i)
     for i in (0, -1):
         assert rel_err(fp8[i], plain[i]) > 1e-3, (name, i)
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_fused_ops_delayed_scale_each_operand_from_its_own_history_row(case):
+    """A tensorwise step records every activation and gradient operand in its row
+    of the block's history (the rows the op does not use stay empty); the next,
+    delayed step on the same inputs then scales each operand from its own past
+    amax, which is its current one: results identical to tensorwise."""
+    name, fn, inputs, out_shape = fused_cases(torch.float32)[case]
+    grad_out = torch.randn(out_shape)
+    history = torch.zeros(HISTORY_SITES, 1 + HISTORY)
+    tensorwise = outputs_and_grads(fn, "tensorwise", inputs, grad_out, history=history)
+    used = history[:, 0] > 0
+    assert used.sum() == {"rmsnorm_qkv_rope": 2, "linear_residual_sumsq": 2}.get(name, 4)
+    roll_history(history)
+    delayed = outputs_and_grads(fn, "delayed", inputs, grad_out, history=history)
+    assert torch.equal(history[:, 0], history[:, 1])
+    for got, want in zip(delayed, tensorwise):
+        assert torch.equal(got, want)
 
 
 # The operand formats of each fused op's GEMMs, in call order: e4m3 for
@@ -154,8 +218,8 @@ def test_each_gemm_operand_gets_its_format(case, monkeypatch):
 
     kinds = []
     quantize_one = fp8.fake_quantize
-    monkeypatch.setattr(fp8, "fake_quantize", lambda x, kind, recipe: kinds.append(kind)
-                        or quantize_one(x, kind, recipe))
+    monkeypatch.setattr(fp8, "fake_quantize", lambda x, kind, *args: kinds.append(kind)
+                        or quantize_one(x, kind, *args))
     name, fn, inputs, out_shape = fused_cases(torch.float32)[case]
     outputs_and_grads(fn, "tensorwise", inputs, torch.randn(out_shape))
     assert kinds == KINDS[name]
@@ -243,3 +307,72 @@ def test_fp8_block_compiles_fullgraph_under_full_ac():
     compiled = torch.compile(checkpoint_wrapper(eager, preserve_rng_state=False), fullgraph=True)
     for got, want in zip(block_step(compiled, x, freqs, grad), block_step(eager, x, freqs, grad)):
         assert rel_err(got, want) < 1e-6
+
+
+def delayed_model():
+    model = make_model(dtype=torch.float32)
+    convert_model(model, Coda(backend="reference", fp8="coda", fp8_recipe="delayed",
+                              fuse_norm_output_loss=False), "reference")
+    with torch.no_grad():
+        model.init_weights()
+    return model
+
+
+def train_step(model):
+    tokens = torch.randint(0, model.vocab_size, (2, 32))
+    model(tokens).float().square().mean().backward()
+
+
+def test_delayed_history_is_a_block_buffer_stepped_after_the_optimizer():
+    from coda_titan.layers.delayed_scaling import DelayedScaling
+
+    model = delayed_model()
+    blocks = list(model.layers.values())
+    keys = model.state_dict().keys()
+    assert [k for k in keys if "fp8" in k] == [f"layers.{i}.fp8_amax_history" for i in range(3)]
+    assert not [k for k in make_model().state_dict() if "fp8" in k]  # other runs: TorchTitan's keys
+    assert all(b.fp8_recipe()[0] == "tensorwise" and not b.fp8_amax_history.any() for b in blocks)
+    train_step(model)
+    recorded = [b.fp8_amax_history[:, 0].clone() for b in blocks]
+    assert all((r > 0).all() for r in recorded)  # every operand of both blocks
+    DelayedScaling().step(model)
+    for block, r in zip(blocks, recorded):
+        assert block.fp8_recipe()[0] == "delayed"
+        assert torch.equal(block.fp8_amax_history[:, 1], r) and not block.fp8_amax_history[:, 0].any()
+
+
+def test_a_loaded_history_is_used_at_once_and_a_reinitialized_one_is_refilled():
+    from coda_titan.layers.delayed_scaling import DelayedScaling
+
+    model = delayed_model()
+    train_step(model)
+    DelayedScaling().step(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = delayed_model()
+    assert fresh.layers["0"].fp8_recipe()[0] == "tensorwise"
+    fresh.load_state_dict(state)
+    assert fresh.layers["0"].fp8_recipe()[0] == "delayed"
+    assert torch.equal(fresh.layers["0"].fp8_amax_history, model.layers["0"].fp8_amax_history)
+    with torch.no_grad():
+        fresh.init_weights()
+    assert fresh.layers["0"].fp8_recipe()[0] == "tensorwise"
+    assert not fresh.layers["0"].fp8_amax_history.any()
+
+
+def test_an_operand_that_keeps_saturating_is_logged(caplog):
+    from coda_titan.layers.delayed_scaling import DelayedScaling
+
+    model = delayed_model()
+    block = model.layers["0"]
+    scaling = DelayedScaling(check_every=4)
+    with caplog.at_level(logging.WARNING):
+        for step in range(8):
+            with torch.no_grad():  # the MLP's dout grows past its history at every step
+                block.fp8_amax_history[:, 0] = 1.0
+                block.fp8_amax_history[6, 0] = 2.0 ** (step + 1)
+            scaling.step(model)
+    warnings = [r.message for r in caplog.records if "saturated" in r.message]
+    # the first check skips the step before the history existed: 3 of 4 steps
+    assert len(warnings) == 2 and all("layers.0.rmsnorm_swiglu_mlp.dout" in w for w in warnings)
+    assert "(3)" in warnings[0] and "(4)" in warnings[1]
+    assert "rmsnorm_qkv_rope" not in warnings[1]

@@ -1,4 +1,4 @@
-"""FP8 (tensorwise) kernels against the FP8 reference on an SM90 GPU (pytest -m gpu).
+"""FP8 kernels (tensorwise, delayed) against the FP8 reference on an SM90 GPU (pytest -m gpu).
 
 Fresh random bf16 inputs at odd M and the 1B/8B dims, outputs allocated from
 memory poisoned with NaN. Every output and input gradient of each fused op is
@@ -25,8 +25,6 @@ from .test_gpu_kernels import (  # noqa: F401 (gpu_only: a fixture)
 pytest.importorskip("quack")
 pytestmark = pytest.mark.gpu
 
-KERNEL = ops_for("cutedsl", strict=True, fp8="tensorwise")
-FP8_REF = FP8_REFERENCE["tensorwise"]
 FP8_TOL = 0.15
 DEV, BF = "cuda", torch.bfloat16
 
@@ -43,13 +41,24 @@ def compare(named, tol=FP8_TOL):
     return errors
 
 
-def check(op, inputs, grad_outs, *args, tol=FP8_TOL):
-    """``op``'s kernel (FP8), FP8 reference and float64 bf16-reference results."""
-    def fn(ops):
-        return lambda *xs: getattr(ops, op)(*xs, *args)
+def check(op, inputs, grad_outs, *args, tol=FP8_TOL, recipe="tensorwise", history=None):
+    """``op``'s kernel (FP8), FP8 reference and float64 bf16-reference results;
+    with a block's amax ``history``, kernel and reference each start from a copy
+    of it, and the copies they leave must agree."""
+    copies = {}
 
-    k_out, k_grads = run(fn(KERNEL), inputs, grad_outs)
-    r_out, r_grads = run(fn(FP8_REF), inputs, grad_outs)
+    def fn(ops):
+        kwargs = {} if history is None else {"history": copies.setdefault(id(ops), history.clone())}
+        return lambda *xs: getattr(ops, op)(*xs, *args, **kwargs)
+
+    kernel, reference = ops_for("cutedsl", strict=True, fp8=recipe), FP8_REFERENCE[recipe]
+    k_out, k_grads = run(fn(kernel), inputs, grad_outs)
+    r_out, r_grads = run(fn(reference), inputs, grad_outs)
+    if history is not None:
+        recorded = copies[id(kernel)][:, 0] > 0
+        assert recorded.any()
+        assert torch.equal(recorded, copies[id(reference)][:, 0] > 0)
+        torch.testing.assert_close(copies[id(kernel)], copies[id(reference)], rtol=2e-2, atol=0)
     t_out, t_grads = run(fn(REFERENCE), [t.double() for t in inputs],
                          [g.double() for g in grad_outs])
     named = {f"out{i}": v for i, v in enumerate(zip(k_out, r_out, t_out))}
@@ -75,7 +84,7 @@ def test_fp8_quantize_matches_the_reference(m, n, kind, rows, cols):
     poison_allocator()
     got = fp8_operands.quantize(x, kind, rows=rows, cols=cols)
     assert (got.rows is None) != rows and (got.cols is None) != cols
-    for q in [got.rows] * rows + [got.cols[:, :m].t()] * cols:
+    for q in ([got.rows] if rows else []) + ([got.cols[:, :m].t()] if cols else []):
         steps = (q.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()
         assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-4
     if cols:
@@ -153,3 +162,105 @@ def test_fp8_block_compiles_fullgraph_under_full_ac_and_releases_kept_weights():
         assert prepared_weights.count() == 0
         assert rel_err(got[0], want[0]) < 1e-2
         assert rel_err(got[1], want[1]) < 1e-2
+
+
+@pytest.mark.parametrize("kind", ["act", "grad"])
+@pytest.mark.parametrize("past", [0.25, 4.0])
+def test_fp8_delayed_cast_matches_the_reference(kind, past):
+    """The delayed Triton cast scales from the history's past amaxes (``past`` times
+    the tensor's own: a quarter saturates, four times wastes range) as the
+    reference does, records the exact current amax, and stays finite."""
+    from coda_titan.kernels import fp8
+    from coda_titan.kernels.cutedsl import fp8_operands
+
+    torch.manual_seed(3)
+    m, n = 2053, 4096
+    x = torch.randn(m, n, device=DEV, dtype=BF)
+    x[:, 7] *= 1e3
+    amax = x.abs().max().float()
+    history = torch.zeros(1 + fp8.HISTORY, device=DEV)
+    history[3] = amax * past
+    history[5] = amax * past / 2
+    ref_history = history.clone()
+    want, _ = fp8.quantize(x, kind, "delayed", ref_history)
+    poison_allocator()
+    got = fp8_operands.quantize(x, kind, "delayed", history, rows=True, cols=True)
+    for q in (got.rows, got.cols[:, :m].t()):
+        assert not torch.isinf(q.float()).any() and not torch.isnan(q.float()).any()
+        steps = (q.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()
+        assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-4
+    assert history[0] == amax and ref_history[0] == amax
+    torch.testing.assert_close(got.inv_scale, (amax * past / torch.finfo(want.dtype).max).reshape(1))
+
+
+def test_fp8_tensorwise_cast_records_its_amax():
+    from coda_titan.kernels import fp8
+    from coda_titan.kernels.cutedsl import fp8_operands
+
+    x = torch.randn(1531, 2048, device=DEV, dtype=BF) * 5
+    history = torch.zeros(1 + fp8.HISTORY, device=DEV)
+    history[0] = 1.0
+    fp8_operands.quantize(x, "act", "tensorwise", history, rows=False, cols=True)
+    assert history[0] == x.abs().max().float() and not history[1:].any()
+
+
+def filled_history(seed):
+    """A block's amax history with past amaxes around those of the test inputs."""
+    from coda_titan.kernels import fp8
+
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    history = torch.zeros(fp8.HISTORY_SITES, 1 + fp8.HISTORY, device=DEV)
+    history[:, 1:] = torch.rand(fp8.HISTORY_SITES, fp8.HISTORY, device=DEV, generator=gen) * 8
+    return history
+
+
+@pytest.mark.parametrize("m,d,f", [(1531, 256, 512), (4096, 2048, 8192)])
+def test_fp8_delayed_rmsnorm_swiglu_mlp_kernel(m, d, f):
+    torch.manual_seed(m)
+    check("rmsnorm_swiglu_mlp", mlp_inputs(m, d, f), [torch.randn(m, d, device=DEV, dtype=BF)],
+          1e-5, recipe="delayed", history=filled_history(m))
+
+
+def test_fp8_delayed_linear_residual_sumsq_kernel():
+    torch.manual_seed(7)
+    m, d, k = 2053, 4096, 4096
+    x, o = torch.randn(m, d, device=DEV, dtype=BF), torch.randn(m, k, device=DEV, dtype=BF)
+    w = torch.randn(d, k, device=DEV, dtype=BF) * k**-0.5
+    check("linear_residual_sumsq", [x, o, w], [torch.randn(m, d, device=DEV, dtype=BF)],
+          recipe="delayed", history=filled_history(m))
+
+
+@pytest.mark.parametrize("batch,seqlen,d,hq,hkv", QKV_SHAPES[:2])
+def test_fp8_delayed_rmsnorm_qkv_rope_kernel(batch, seqlen, d, hq, hkv):
+    inputs, freqs_cis, positions, grads = qkv_rope_inputs(batch, seqlen, d, hq, hkv)
+    check("rmsnorm_qkv_rope", inputs, grads, freqs_cis, positions, 1e-5, recipe="delayed",
+          history=filled_history(seqlen))
+
+
+def test_fp8_delayed_block_compiles_under_full_ac_and_steps_its_history():
+    """A delayed-recipe block: its first step scales from the current amaxes and
+    fills the history; after ``DelayedScaling.step`` the compiled, checkpointed
+    block scales from it (every operand recorded: no write lost to a copy under
+    compile), matching the eager block from the same history."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from coda_titan.layers.delayed_scaling import DelayedScaling
+
+    eager, freqs, x, grad = converted_block("debugmodel_gqa", 512, 13)
+    CodaTransformerBlock.convert(eager, Coda(fp8="coda", fp8_recipe="delayed", backend="cutedsl"),
+                                 "cutedsl", keep_weights=True)
+    eager.fp8_amax_history.zero_()
+    assert eager.fp8_recipe()[0] == "tensorwise"
+    block_step(eager, x, freqs, grad)
+    assert (eager.fp8_amax_history[:, 0] > 0).all()
+    DelayedScaling().step(eager)
+    assert eager.fp8_recipe()[0] == "delayed" and not eager.fp8_amax_history[:, 0].any()
+    checkpointed = checkpoint_wrapper(copy.deepcopy(eager), preserve_rng_state=False)
+    compiled = torch.compile(checkpointed, fullgraph=True)
+    want = block_step(eager, x, freqs, grad)
+    got = block_step(compiled, x, freqs, grad)
+    inner = checkpointed._checkpoint_wrapped_module
+    assert (inner.fp8_amax_history[:, 0] > 0).all()
+    torch.testing.assert_close(inner.fp8_amax_history, eager.fp8_amax_history, rtol=1e-2, atol=0)
+    assert rel_err(got[0], want[0]) < 1e-2
+    assert rel_err(got[1], want[1]) < 1e-2

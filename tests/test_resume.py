@@ -1,9 +1,11 @@
 """Resuming TorchTitan checkpoints, launched the way users launch training
 (scripts/train.sh), on CPU in float32.
 
-Each arm (baseline, CODA, and CODA with ``fp8 = "coda"``: its tensorwise
-recipe scales from each tensor's current amax, so it has no state of its own to
-checkpoint) trains 6 steps with a full checkpoint every 3 steps.
+Each arm (baseline, CODA, and CODA with ``fp8 = "coda"`` under its two
+kernel recipes: ``tensorwise`` scales from each tensor's current amax and has
+no state of its own; ``delayed`` scales from amax histories, buffers of the
+blocks that the checkpoint must carry) trains 6 steps with a full checkpoint
+every 3 steps.
 Fresh processes then resume from a run's step-3 checkpoint with the whole
 training state (``--checkpoint.initial_load_path`` without
 ``initial_load_model_only``: model, optimizer, LR schedule, dataloader
@@ -38,9 +40,10 @@ REPO = Path(__file__).parent.parent
 STEPS = 6
 INTERVAL = 3
 ARMS = ("baseline", "coda")
-FP8_ARM = "coda_fp8"
+FP8_ARMS = ("coda_fp8", "coda_fp8_delayed")
 # Arms run from another arm's debug config: (config, extra arguments).
-VARIANTS = {FP8_ARM: ("coda", ["--coda.fp8=coda"])}
+VARIANTS = {"coda_fp8": ("coda", ["--coda.fp8=coda"]),
+            "coda_fp8_delayed": ("coda", ["--coda.fp8=coda", "--coda.fp8_recipe=delayed"])}
 LOSS = "loss_metrics/global_avg_loss"
 GRAD_NORM = "grad_norm"
 CROSS_TOLERANCE = 1e-5
@@ -96,8 +99,8 @@ def runs(tmp_path_factory):
     """``runs["coda"]``: uninterrupted; ``runs["coda", "baseline"]``: coda resuming
     the baseline run's step-3 checkpoint."""
     root = tmp_path_factory.mktemp("resume")
-    runs = run_side_by_side({arm: (arm, root / arm, None) for arm in (*ARMS, FP8_ARM)})
-    resumes = [(arm, source) for arm in ARMS for source in ARMS] + [(FP8_ARM, FP8_ARM)]
+    runs = run_side_by_side({arm: (arm, root / arm, None) for arm in (*ARMS, *FP8_ARMS)})
+    resumes = [(arm, source) for arm in ARMS for source in ARMS] + [(a, a) for a in FP8_ARMS]
     runs |= run_side_by_side({
         (arm, source): (arm, root / f"{arm}-from-{source}", root / source)
         for arm, source in resumes
@@ -105,15 +108,18 @@ def runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("arm", (*ARMS, FP8_ARM))
+@pytest.mark.parametrize("arm", (*ARMS, *FP8_ARMS))
 def test_resumed_run_is_bit_identical_to_uninterrupted(runs, arm):
     full, resumed = runs[arm], runs[arm, arm]
     assert sorted(full[LOSS]) == list(range(1, STEPS + 1))
     assert sorted(resumed[LOSS]) == list(range(INTERVAL + 1, STEPS + 1))
     for tag in (LOSS, GRAD_NORM):
         assert resumed[tag] == {s: v for s, v in full[tag].items() if s > INTERVAL}, tag
-    if arm == FP8_ARM:  # the FP8 recipe ran: its losses are not the bf16 run's
+    if arm in FP8_ARMS:  # the FP8 recipe ran: its losses are not the bf16 run's
         assert full[LOSS] != runs["coda"][LOSS]
+    if arm == "coda_fp8_delayed":  # step 1 scales as tensorwise, then from the history
+        assert full[LOSS][1] == runs["coda_fp8"][LOSS][1]
+        assert full[LOSS][STEPS] != runs["coda_fp8"][LOSS][STEPS]
 
 
 @pytest.mark.parametrize("arm, source", [("coda", "baseline"), ("baseline", "coda")])

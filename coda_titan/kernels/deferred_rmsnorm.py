@@ -20,7 +20,9 @@ float32 for 16-bit inputs (the kernels' accumulator type) and in the input
 dtype otherwise, so a float64 run is exact up to rounding. GEMM operands take
 the weight's dtype (the compute dtype); activations on the residual stream
 may be wider (float32 under autocast) and keep their dtype. ``fp8`` is the
-op's precision recipe for its GEMMs (``fp8.gemm``; None: bf16).
+op's precision recipe for its GEMMs (``fp8.gemm``; None: bf16), ``history``
+the amax history rows of the activation and gradient operands, where the
+recipe keeps one.
 """
 
 import torch
@@ -57,10 +59,11 @@ def fold_norm_weight(weight: torch.Tensor, norm_weight: torch.Tensor) -> torch.T
 
 
 def deferred_norm_linear(
-    x: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, fp8: str | None = None
+    x: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, fp8: str | None = None,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``r * (x @ W'.T)`` in the accumulator dtype: the forward epilogue's input."""
-    z = gemm(x.to(folded_weight.dtype), folded_weight.t(), fp8)
+    z = gemm(x.to(folded_weight.dtype), folded_weight.t(), fp8, history=(history, None))
     return z.to(rstd.dtype) * rstd[:, None]
 
 
@@ -77,6 +80,7 @@ def rmsnorm_input_grad(
     zdz: torch.Tensor,
     residual_grad: torch.Tensor | None = None,
     fp8: str | None = None,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dx = dzr @ W' - (r**2 * c / D) * x [+ residual_grad]``, ``c = zdz``.
 
@@ -86,7 +90,7 @@ def rmsnorm_input_grad(
     """
     d = x.shape[-1]
     acc = rstd.dtype
-    dx = gemm(dzr, folded_weight, fp8, ("grad", "weight")).to(acc) - (
+    dx = gemm(dzr, folded_weight, fp8, ("grad", "weight"), (history, None)).to(acc) - (
         rstd.square() * zdz / d
     )[:, None] * x.to(acc)
     if residual_grad is not None:
@@ -94,9 +98,11 @@ def rmsnorm_input_grad(
     return dx.to(x.dtype)
 
 
-def folded_weight_grad(dzr: torch.Tensor, x: torch.Tensor, fp8: str | None = None) -> torch.Tensor:
-    """``dW' = dzr.T @ x``, x in the GEMM dtype (``dzr``'s): the wgrad GEMM."""
-    return gemm(dzr.t(), x.to(dzr.dtype), fp8, ("grad", "act"))
+def folded_weight_grad(dzr: torch.Tensor, x: torch.Tensor, fp8: str | None = None,
+                       history: tuple = (None, None)) -> torch.Tensor:
+    """``dW' = dzr.T @ x``, x in the GEMM dtype (``dzr``'s): the wgrad GEMM;
+    ``history``: the rows of ``dzr`` and ``x``."""
+    return gemm(dzr.t(), x.to(dzr.dtype), fp8, ("grad", "act"), history)
 
 
 def unfold_weight_grads(

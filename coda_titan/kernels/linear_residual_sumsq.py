@@ -17,31 +17,35 @@ linear + residual one: ``dx = dh``, ``do = dh @ Wo``, ``dWo = dh.T @ o``.
 import torch
 
 from .deferred_rmsnorm import acc_dtype, row_sumsq
-from .fp8 import gemm
+from .fp8 import gemm, history_rows
 
 
 class LinearResidualSumSq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, o, weight, fp8):
+    def forward(ctx, x, o, weight, fp8, history):
         acc = acc_dtype(x.dtype)
-        h = (x.to(acc) + gemm(o, weight.t(), fp8).to(acc)).to(x.dtype)
+        rows = history_rows(history, "linear_residual_sumsq")
+        h = (x.to(acc) + gemm(o, weight.t(), fp8, history=(rows[0], None)).to(acc)).to(x.dtype)
         sumsq = row_sumsq(h)
         ctx.save_for_backward(o, weight)
         ctx.mark_non_differentiable(sumsq)
-        ctx.fp8 = fp8
+        # Not saved for backward: the history is written in place by every cast.
+        ctx.fp8, ctx.rows = fp8, rows
         return h, sumsq
 
     @staticmethod
     def backward(ctx, dh, _dsumsq):
         o, weight = ctx.saved_tensors
-        dh_c = dh.to(weight.dtype)
-        return (dh, gemm(dh_c, weight, ctx.fp8, ("grad", "weight")),
-                gemm(dh_c.t(), o, ctx.fp8, ("grad", "act")), None)
+        (o_row, dh_row), dh_c = ctx.rows, dh.to(weight.dtype)
+        return (dh, gemm(dh_c, weight, ctx.fp8, ("grad", "weight"), (dh_row, None)),
+                gemm(dh_c.t(), o, ctx.fp8, ("grad", "act"), (dh_row, o_row)), None, None)
 
 
 def linear_residual_sumsq(
-    x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str | None = None
+    x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str | None = None,
+    history: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (M, D), ``o`` (M, K), ``weight`` (D, K) -> ``h`` (M, D), ``sum(h**2)`` (M,).
-    ``fp8``: the GEMMs' FP8 recipe (``fp8.gemm``), None for bf16."""
-    return LinearResidualSumSq.apply(x, o, weight, fp8)
+    ``fp8``: the GEMMs' FP8 recipe (``fp8.gemm``), None for bf16; ``history``: the
+    block's amax history (rows ``o``, ``dh``: ``fp8.HISTORY_ROWS``), where it keeps one."""
+    return LinearResidualSumSq.apply(x, o, weight, fp8, history)

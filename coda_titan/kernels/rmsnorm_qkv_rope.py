@@ -27,6 +27,7 @@ from .deferred_rmsnorm import (
     rstd_scaled,
     unfold_weight_grads,
 )
+from .fp8 import history_rows
 
 
 def token_positions(
@@ -62,18 +63,20 @@ def rotate(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool 
 
 class RMSNormQKVRoPE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8):
+    def forward(ctx, x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8, history):
         cos, sin = rope_tables(freqs_cis, positions, x.dtype)
         rstd = rstd_from_sumsq(row_sumsq(x), x.shape[-1], eps)
         weight = torch.cat((wq, wk, wv))
-        z = deferred_norm_linear(x, rstd, fold_norm_weight(weight, norm_weight), fp8)
+        rows = history_rows(history, "rmsnorm_qkv_rope")
+        z = deferred_norm_linear(x, rstd, fold_norm_weight(weight, norm_weight), fp8, rows[0])
         nq, nk = wq.shape[0], wk.shape[0]
         qkv = torch.cat(
             (rotate(z[:, :nq], cos, sin), rotate(z[:, nq : nq + nk], cos, sin), z[:, nq + nk :]),
             dim=-1,
         ).to(weight.dtype)
         ctx.save_for_backward(x, rstd, norm_weight, weight, cos, sin, qkv)
-        ctx.splits, ctx.fp8 = (nq, nk, wv.shape[0]), fp8
+        # The history is not saved for backward: every cast writes it in place.
+        ctx.splits, ctx.fp8, ctx.rows = (nq, nk, wv.shape[0]), fp8, rows
         return qkv
 
     @staticmethod
@@ -88,11 +91,12 @@ class RMSNormQKVRoPE(torch.autograd.Function):
         )
         dzr = rstd_scaled(dz, rstd, weight.dtype)
         folded = fold_norm_weight(weight, norm_weight)
-        dx = rmsnorm_input_grad(dzr, x, rstd, folded, zdz, fp8=ctx.fp8)
-        dweight, dnorm = unfold_weight_grads(folded_weight_grad(dzr, x, ctx.fp8), weight,
-                                             norm_weight)
+        x_row, dzr_row = ctx.rows
+        dx = rmsnorm_input_grad(dzr, x, rstd, folded, zdz, fp8=ctx.fp8, history=dzr_row)
+        dweight, dnorm = unfold_weight_grads(
+            folded_weight_grad(dzr, x, ctx.fp8, (dzr_row, x_row)), weight, norm_weight)
         dwq, dwk, dwv = dweight.split(ctx.splits)
-        return dx, dnorm, dwq, dwk, dwv, None, None, None, None
+        return dx, dnorm, dwq, dwk, dwv, None, None, None, None, None
 
 
 def rmsnorm_qkv_rope(
@@ -105,6 +109,7 @@ def rmsnorm_qkv_rope(
     positions: torch.Tensor,
     eps: float,
     fp8: str | None = None,
+    history: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x`` (M, D) -> ``qkv`` (M, Nq + Nk + Nv): post-RoPE ``[q | k | v]`` packed in
     one tensor (Nq = Hq*hd, Nk = Nv = Hkv*hd), which views as (B, S, Hq + 2 Hkv, hd),
@@ -112,6 +117,8 @@ def rmsnorm_qkv_rope(
 
     ``freqs_cis`` is TorchTitan's complex RoPE table (max_seq_len, hd/2),
     ``positions`` the (M,) int position of each token (``token_positions``),
-    ``fp8`` the GEMMs' FP8 recipe (``fp8.gemm``), None for bf16.
+    ``fp8`` the GEMMs' FP8 recipe (``fp8.gemm``), None for bf16, ``history`` the
+    block's amax history (rows ``x``, ``dzr``: ``fp8.HISTORY_ROWS``), where it keeps one.
     """
-    return RMSNormQKVRoPE.apply(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8)
+    return RMSNormQKVRoPE.apply(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8,
+                                history)

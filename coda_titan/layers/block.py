@@ -13,6 +13,12 @@ Each fusion can be switched off on its own (``Coda`` flags); that part then
 runs TorchTitan's own modules. The attention core (``[coda] attention``) is
 TorchTitan's SDPA path or FlashAttention-4, which reads the packed QKV (or the
 three separate projections) and returns the packed gradient.
+
+Under the ``delayed`` FP8 recipe the block also holds the amax history of its
+operands, a buffer (``fp8_amax_history``) so that it goes into checkpoints;
+``DelayedScaling`` moves it on after each optimizer step. Until it has a step
+of history (a new or re-initialized block) the casts scale from the current
+amax (``tensorwise``) while they fill it.
 """
 
 import torch
@@ -23,6 +29,7 @@ from ..backend import resolve_attention, resolve_backend
 from ..config import Coda
 from ..kernels import attention_for, ops_for, token_positions
 from ..kernels.deferred_rmsnorm import resolve_eps
+from ..kernels.fp8 import HISTORY, HISTORY_SITES
 from .autocast import compute_weights, outside_autocast
 
 
@@ -52,16 +59,37 @@ class CodaTransformerBlock(TransformerBlock):
         self.coda = coda
         self.keep_weights = keep_weights
         self.fp8 = coda.fp8_recipe if coda.fp8 == "coda" else None
+        if self.fp8 == "delayed" and "fp8_amax_history" not in self._buffers:
+            device = self.attention.wq.weight.device
+            self.register_buffer("fp8_amax_history",
+                                 torch.zeros(HISTORY_SITES, 1 + HISTORY, device=device,
+                                             dtype=torch.float32))
+            self.register_load_state_dict_post_hook(_history_loaded)
+        self.fp8_history_ready = False
         self.backend = backend or resolve_backend(coda.backend)
         self.attention_kernel = attention or resolve_attention(
             coda.attention, self.attention.head_dim, self.attention.attn_type
         )
 
+    def init_weights(self):
+        super().init_weights()
+        if self.fp8 == "delayed":
+            with torch.no_grad():
+                self.fp8_amax_history.zero_()
+            self.fp8_history_ready = False
+
+    def fp8_recipe(self) -> tuple[str | None, torch.Tensor | None]:
+        """The FP8 recipe this step's casts use, and the amax history they record in."""
+        if self.fp8 != "delayed":
+            return self.fp8, None
+        return ("delayed" if self.fp8_history_ready else "tensorwise"), self.fp8_amax_history
+
     def forward(self, x, freqs_cis, attention_masks, positions=None):
         coda, attention = self.coda, self.attention
+        fp8, history = self.fp8_recipe()
         # Without a backward to come (evaluation), nothing is worth keeping.
         ops = ops_for(self.backend, strict=coda.backend == "cutedsl",
-                      keep_weights=self.keep_weights and torch.is_grad_enabled(), fp8=self.fp8)
+                      keep_weights=self.keep_weights and torch.is_grad_enabled(), fp8=fp8)
         bs, seqlen, dim = x.shape
         x2d = x.reshape(-1, dim)
         head_dim = attention.head_dim
@@ -74,7 +102,8 @@ class CodaTransformerBlock(TransformerBlock):
             )
             with outside_autocast(x):
                 qkv = ops.rmsnorm_qkv_rope(
-                    x2d, norm.weight, wq, wk, wv, freqs_cis, tokens, resolve_eps(norm.eps, x.dtype)
+                    x2d, norm.weight, wq, wk, wv, freqs_cis, tokens, resolve_eps(norm.eps, x.dtype),
+                    history=history,
                 )
             heads = [qkv.view(bs, seqlen, -1, head_dim)]
         else:
@@ -91,7 +120,7 @@ class CodaTransformerBlock(TransformerBlock):
             (wo,) = compute_weights(x, attention.wo.weight)
             with outside_autocast(x):
                 h2d, sumsq = ops.linear_residual_sumsq(
-                    x2d, attn.view(bs * seqlen, -1).to(wo.dtype), wo
+                    x2d, attn.view(bs * seqlen, -1).to(wo.dtype), wo, history=history
                 )
             h = h2d.view(bs, seqlen, dim)
         else:
@@ -103,5 +132,12 @@ class CodaTransformerBlock(TransformerBlock):
         w1, w3, w2 = compute_weights(x, ffn.w1.weight, ffn.w3.weight, ffn.w2.weight)
         with outside_autocast(x):
             return ops.rmsnorm_swiglu_mlp(
-                h, norm.weight, w1, w3, w2, resolve_eps(norm.eps, x.dtype), sumsq=sumsq
+                h, norm.weight, w1, w3, w2, resolve_eps(norm.eps, x.dtype), sumsq=sumsq,
+                history=history,
             )
+
+
+def _history_loaded(block: CodaTransformerBlock, _incompatible_keys) -> None:
+    """A loaded amax history (a checkpoint) is used as it is: a resumed run
+    scales as the uninterrupted one would (one host sync, at load)."""
+    block.fp8_history_ready = bool(block.fp8_amax_history[:, 1:].amax() > 0)

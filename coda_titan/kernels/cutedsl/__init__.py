@@ -1,6 +1,6 @@
 """CuTe DSL implementations of the fused ops: quack's SM90 GEMM main loop with
-our epilogues (``@gemm_epilogue``), bf16, or FP8 under the ``tensorwise`` recipe
-(``.fp8_operands``). Imported only when the ``cutedsl`` backend runs.
+our epilogues (``@gemm_epilogue``), bf16, or FP8 under the ``tensorwise`` or
+``delayed`` recipe (``.fp8_operands``). Imported only when the ``cutedsl`` backend runs.
 """
 
 from functools import partial

@@ -1,14 +1,16 @@
-"""FP8 operands for the kernels: the ``tensorwise`` recipe of ``..fp8`` (one scale
-per tensor from its current amax, saturating), on SM90.
+"""FP8 operands for the kernels: the ``tensorwise`` and ``delayed`` recipes of
+``..fp8`` (one scale per tensor, from its current amax or from its amax
+history, saturating), on SM90.
 
 quack's SM90 GEMM and cuBLAS FP8 both take K-major operands only, so an operand
 is cast in the orientations its GEMMs contract it along:
 
 - an activation ``x`` (M, K) feeds the forward as ``x`` and the wgrad as
   ``x.T``; a gradient ``dy`` (M, N) feeds the dgrad as ``dy`` and the wgrad as
-  ``dy.T``: an amax pass (ATen's), then one Triton pass writing both (a tile
-  transposed through shared memory; Inductor's and ATen's transposes ran 5-10x
-  slower on the H200);
+  ``dy.T``: one Triton pass writing both (a tile transposed through shared
+  memory; Inductor's and ATen's transposes ran 5-10x slower on the H200),
+  after an amax pass (ATen's) under ``tensorwise``; under ``delayed`` the pass
+  records the amax itself (an atomic max per tile into the history);
 - a weight ``W`` (N, K), norm weight folded in where the op folds it, feeds the
   forward as ``W`` and the dgrad as ``W.T``. It is cast once per parameter
   update (``..prepared_weights``, tagged apart from the bf16 fold) when the
@@ -34,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..fp8 import AMAX_FLOOR, FORMATS
+from ..fp8 import AMAX_FLOOR, FORMATS, HISTORY
 from ..prepared_weights import prepared, taken
 from .gemm import _fold_weight
 
@@ -62,17 +64,23 @@ class Fp8Operand(NamedTuple):
 
 
 @triton.jit
-def _cast_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, inv_scale_ptr, m, n, qt_cols, fmax, floor,
-                 ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK: tl.constexpr):
+def _cast_kernel(x_ptr, amax_ptr, history_ptr, q_ptr, qt_ptr, inv_scale_ptr, m, n, qt_cols, fmax,
+                 floor, ROWS: tl.constexpr, COLS: tl.constexpr, DELAYED: tl.constexpr,
+                 RECORD: tl.constexpr, HISTORY: tl.constexpr, BLOCK: tl.constexpr):
     """One BLOCK x BLOCK tile of ``x`` scaled by ``fmax / amax``, saturated and rounded
-    to FP8: stored as is (ROWS) and transposed (COLS; its padding columns get zeros)."""
-    amax = tl.load(amax_ptr)
+    to FP8: stored as is (ROWS) and transposed (COLS; its padding columns get zeros).
+    ``amax``: the largest past amax of the history (DELAYED) or the given one; RECORD:
+    the tile's amax goes into the history's current entry (an atomic max)."""
+    if DELAYED:
+        amax = tl.max(tl.load(history_ptr + 1 + tl.arange(0, HISTORY)))
+    else:
+        amax = tl.load(amax_ptr)
     scale = tl.where(amax > 0, fmax / tl.maximum(amax, floor), 1.0)
     rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + rm[:, None] * n + rn[None, :],
-                mask=(rm[:, None] < m) & (rn[None, :] < n), other=0.0)
-    y = tl.clamp(x.to(tl.float32) * scale, -fmax, fmax)
+                mask=(rm[:, None] < m) & (rn[None, :] < n), other=0.0).to(tl.float32)
+    y = tl.clamp(x * scale, -fmax, fmax)
     if ROWS:
         tl.store(q_ptr + rm[:, None] * n + rn[None, :], y.to(q_ptr.dtype.element_ty),
                  mask=(rm[:, None] < m) & (rn[None, :] < n))
@@ -80,19 +88,32 @@ def _cast_kernel(x_ptr, amax_ptr, q_ptr, qt_ptr, inv_scale_ptr, m, n, qt_cols, f
         tl.store(qt_ptr + rn[:, None] * qt_cols + rm[None, :],
                  tl.trans(y).to(qt_ptr.dtype.element_ty),
                  mask=(rn[:, None] < n) & (rm[None, :] < qt_cols))
+    if RECORD:
+        tl.atomic_max(history_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(inv_scale_ptr, 1.0 / scale)
 
 
-def quantize(x: torch.Tensor, kind: str, rows: bool = True, cols: bool = False) -> Fp8Operand:
-    """``x`` (M, K) in the FP8 format of ``kind`` (act, weight, grad; ``..fp8.FORMATS``)."""
+def quantize(x: torch.Tensor, kind: str, recipe: str = "tensorwise",
+             history: torch.Tensor | None = None, rows: bool = True,
+             cols: bool = False) -> Fp8Operand:
+    """``x`` (M, K) in the FP8 format of ``kind`` (act, weight, grad; ``..fp8.FORMATS``),
+    scaled as ``recipe`` says: ``tensorwise`` from an amax pass over ``x`` (recorded
+    in ``history``, a row of an amax history, when given), ``delayed`` from
+    ``history``'s past amaxes, recording the current one as it casts (no amax pass)."""
     x, dtype = x.contiguous(), FORMATS[kind]
     (m, n), device = x.shape, x.device
     if (m + 16) * n >= 2**31:
         raise ValueError(f"FP8 cast of a {m} x {n} tensor: the cast kernel indexes in int32, "
                          f"so an operand must have under 2**31 elements; use fewer tokens per "
                          f"micro-batch")
-    amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
+    delayed = recipe == "delayed"
+    if delayed and history is None:
+        raise ValueError(f"the delayed FP8 recipe needs an amax history for {kind} operands")
+    if history is not None and history.dtype != torch.float32:
+        raise ValueError(f"an FP8 amax history must be float32 (the cast's atomic max), got "
+                         f"{history.dtype}: was the model cast with .to(dtype)?")
+    amax = None if delayed else torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
     # cuBLAS FP8 wants K (for ``cols``: the wgrads' tokens) a multiple of 16; the
     # zero columns of the padding add nothing to the sums.
     padded = m + -m % 16
@@ -100,10 +121,19 @@ def quantize(x: torch.Tensor, kind: str, rows: bool = True, cols: bool = False) 
     qt = torch.empty(n, padded, dtype=dtype, device=device) if cols else None
     inv_scale = torch.empty(1, dtype=torch.float32, device=device)
     grid = (triton.cdiv(padded if cols else m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK))
-    _cast_kernel[grid](x, amax, inv_scale if q is None else q, inv_scale if qt is None else qt,
-                       inv_scale, m, n, padded, torch.finfo(dtype).max, AMAX_FLOOR,
-                       ROWS=rows, COLS=cols, BLOCK=CAST_BLOCK, num_warps=8)
+    unused = inv_scale  # a pointer for the arguments a variant does not read
+    _cast_kernel[grid](x, unused if delayed else amax, unused if history is None else history,
+                       unused if q is None else q, unused if qt is None else qt, inv_scale,
+                       m, n, padded, torch.finfo(dtype).max, AMAX_FLOOR, ROWS=rows, COLS=cols,
+                       DELAYED=delayed, RECORD=history is not None, HISTORY=HISTORY,
+                       BLOCK=CAST_BLOCK, num_warps=8)
     return Fp8Operand(q, qt, inv_scale)
+
+
+def row(history: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """Row ``index`` of a block's amax history (taken inside the op that writes it,
+    so it is the block's own memory), or None without one."""
+    return None if history is None else history[index]
 
 
 def weight(weights: list[torch.Tensor], norm_weight: torch.Tensor | None, interleave: bool,
@@ -119,10 +149,12 @@ def weight(weights: list[torch.Tensor], norm_weight: torch.Tensor | None, interl
     return taken(tag, sources, build) if last else prepared(tag, sources, build, keep)
 
 
-def wgrad(grad: Fp8Operand, x: torch.Tensor) -> torch.Tensor:
+def wgrad(grad: Fp8Operand, x: torch.Tensor, recipe: str,
+          history: torch.Tensor | None) -> torch.Tensor:
     """``dW = dy.T @ x`` from the gradient's transposed cast (``grad.cols``) and
-    the activation ``x`` (M, K), cast here to its transposed e4m3 copy."""
-    a = quantize(x, "act", rows=False, cols=True)
+    the activation ``x`` (M, K), cast here to its transposed e4m3 copy (with the
+    ``recipe`` and the ``history`` row ``x`` had in the forward)."""
+    a = quantize(x, "act", recipe, history, rows=False, cols=True)
     return scaled_mm(grad.cols, grad.inv_scale, a.cols, a.inv_scale, x.dtype)
 
 

@@ -13,6 +13,7 @@ from quack.epilogue import gemm_epilogue
 from quack.epilogue.ops import ColVecReduce, Scalar
 
 from ..fallback import report_fallback
+from ..fp8 import history_index
 from ..linear_residual_sumsq import linear_residual_sumsq as reference
 from . import fp8_operands
 from .gemm import TILES, aligned, tile_partials, unsupported_reason
@@ -41,54 +42,63 @@ def residual_sumsq_gemm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
     return h, partials.sum(-1)
 
 
+# The amax history is written by the casts (an atomic max into the current
+# entry) but not declared mutated here or in the other FP8 ops: nothing in a
+# traced graph reads it, the casts read only the past entries, and a max does
+# not depend on the order of the writes. Declared, functionalization would
+# thread a copy of it through every graph, the backward's included.
 @torch.library.custom_op("coda::linear_residual_sumsq_fwd", mutates_args=(), device_types="cuda")
 def linear_residual_sumsq_fwd(
     x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str | None, keep: bool,
+    history: torch.Tensor | None, row: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + o @ W.T and sum(h**2) per row; x and h may have leading dims
-    (a block's output is no view then), o is (M, K). ``fp8``: the recipe
-    (``tensorwise``) or None; ``keep``: its FP8 weight stays prepared."""
+    (a block's output is no view then), o is (M, K). ``fp8``: the recipe or None;
+    ``keep``: its FP8 weight stays prepared; ``history[row]``: ``o``'s amax history."""
     if fp8 is None:
         return residual_sumsq_gemm(x, o, weight)
-    a, w = fp8_operands.quantize(o, "act"), fp8_operands.weight([weight], None, False, keep)
+    a = fp8_operands.quantize(o, "act", fp8, fp8_operands.row(history, row))
+    w = fp8_operands.weight([weight], None, False, keep)
     return residual_sumsq_gemm(x, a.rows, w.rows, a.inv_scale * w.inv_scale)
 
 
 @linear_residual_sumsq_fwd.register_fake
-def _(x, o, weight, fp8, keep):
+def _(x, o, weight, fp8, keep, history, row):
     return torch.empty_like(x), x.new_empty(o.shape[0], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    _, o, weight, fp8, _ = inputs
-    ctx.save_for_backward(o, weight)
-    ctx.fp8 = fp8
+    _, o, weight, fp8, _, history, row = inputs
+    ctx.save_for_backward(o, weight, history)
+    ctx.fp8, ctx.row = fp8, row
     ctx.mark_non_differentiable(output[1])
 
 
 @torch.library.custom_op("coda::linear_grads_fp8", mutates_args=(), device_types="cuda")
-def linear_grads_fp8(dh: torch.Tensor, o: torch.Tensor, weight: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_grads_fp8(dh: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str,
+                     history: torch.Tensor | None, row: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh @ W, dh.T @ o)`` in FP8 (``dh`` (M, N) 2-D): both in cuBLAS, the
-    forward's FP8 weight taken (its last reader)."""
-    g = fp8_operands.quantize(dh, "grad", rows=True, cols=True)
+    forward's FP8 weight taken (its last reader). ``history[row]`` is ``o``'s
+    amax history, ``history[row + 1]`` ``dh``'s (``..fp8.HISTORY_ROWS``)."""
+    g = fp8_operands.quantize(dh, "grad", fp8, fp8_operands.row(history, row + 1), cols=True)
     w = fp8_operands.weight([weight], None, False, last=True)
     return (fp8_operands.scaled_mm(g.rows, g.inv_scale, w.cols, w.inv_scale, o.dtype),
-            fp8_operands.wgrad(g, o))
+            fp8_operands.wgrad(g, o, fp8, fp8_operands.row(history, row)))
 
 
 @linear_grads_fp8.register_fake
-def _(dh, o, weight):
+def _(dh, o, weight, fp8, history, row):
     return torch.empty_like(o), torch.empty_like(weight)
 
 
 def _backward(ctx, dh, _dsumsq):
     """The plain linear + residual backward."""
-    o, weight = ctx.saved_tensors
+    o, weight, history = ctx.saved_tensors
     dh2d = dh.reshape(-1, weight.shape[0])
     if ctx.fp8 is None:
-        return dh, dh2d @ weight, dh2d.t() @ o, None, None
-    return dh, *linear_grads_fp8(dh2d.contiguous(), o, weight), None, None
+        return dh, dh2d @ weight, dh2d.t() @ o, None, None, None, None
+    grads = linear_grads_fp8(dh2d.contiguous(), o, weight, ctx.fp8, history, ctx.row)
+    return dh, *grads, None, None, None, None
 
 
 # A custom op with its backward registered (not an autograd.Function): under
@@ -96,9 +106,11 @@ def _backward(ctx, dh, _dsumsq):
 linear_residual_sumsq_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def linear_residual_sumsq(x, o, weight, *, strict=False, keep_weights=False, fp8=None):
+def linear_residual_sumsq(x, o, weight, *, strict=False, keep_weights=False, fp8=None,
+                          history=None):
     reason = unsupported_reason(x, o, weights=(weight,), fp8=fp8)
     if reason is not None:
         report_fallback("linear_residual_sumsq", reason, strict)
-        return reference(x, o, weight, fp8=fp8)
-    return linear_residual_sumsq_fwd(x, o, weight, fp8, keep_weights)
+        return reference(x, o, weight, fp8=fp8, history=history)
+    return linear_residual_sumsq_fwd(x, o, weight, fp8, keep_weights, history,
+                                     history_index("linear_residual_sumsq", "o"))

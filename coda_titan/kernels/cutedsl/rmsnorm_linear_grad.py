@@ -68,16 +68,20 @@ def _(dzr, dzr_inv_scale, weights, norm_weight, interleave, x, zdz_r2, residual_
 @torch.library.custom_op("coda::rmsnorm_linear_grads_fp8", mutates_args=(), device_types="cuda")
 def rmsnorm_linear_grads_fp8(
     dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
-    x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None,
+    x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None, fp8: str,
+    history: torch.Tensor | None, dzr_row: int, x_row: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dW') in FP8 from the bf16 ``dzr``, cast once for both GEMMs: the dgrad
-    with the RMSNorm backward in its epilogue, the wgrad ``dzr.T @ x`` in cuBLAS."""
-    dz = fp8_operands.quantize(dzr, "grad", rows=True, cols=True)
+    with the RMSNorm backward in its epilogue, the wgrad ``dzr.T @ x`` in cuBLAS.
+    ``history``: the block's amax history (rows ``dzr_row``, ``x_row``; writes
+    not declared, as in ``.linear_residual_sumsq``)."""
+    dz = fp8_operands.quantize(dzr, "grad", fp8, fp8_operands.row(history, dzr_row), cols=True)
     dx = rmsnorm_linear_grad(dz.rows, dz.inv_scale, weights, norm_weight, interleave, x, zdz_r2,
                              residual_grad)
-    return dx, fp8_operands.wgrad(dz, x)
+    return dx, fp8_operands.wgrad(dz, x, fp8, fp8_operands.row(history, x_row))
 
 
 @rmsnorm_linear_grads_fp8.register_fake
-def _(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad):
+def _(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad, fp8, history, dzr_row,
+      x_row):
     return torch.empty_like(x), x.new_empty(dzr.shape[1], x.shape[1])

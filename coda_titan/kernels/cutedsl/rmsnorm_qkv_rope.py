@@ -37,6 +37,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
 from ..fallback import report_fallback
+from ..fp8 import history_index
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from . import fp8_operands
 from .gemm import TILES, aligned, folded_weight, unfold_grads, unsupported_reason
@@ -44,6 +45,7 @@ from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
 from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, row_rstd, vector
 
 CFG = TILES["qkv_rope"]
+X_ROW, DZR_ROW = (history_index("rmsnorm_qkv_rope", row) for row in ("x", "dzr"))
 
 
 @gemm_epilogue(
@@ -165,41 +167,43 @@ def _(dqkv, qkv, freqs_cis, positions, rstd, nq, nk):
 def rmsnorm_qkv_rope_op(
     x: torch.Tensor, norm_weight: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
     wv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, eps: float, keep: bool,
-    fp8: str | None,
+    fp8: str | None, history: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(qkv, r): post-RoPE ``[q | k | v]`` (M, Nq + Nk + Nv) and the row rstd.
 
     One custom op with its backward registered (not an autograd.Function), so
     that under torch.compile activation checkpointing can recompute it.
     ``keep``: the folded weight (FP8 under ``fp8``) stays prepared for the
-    recompute and the dgrad."""
+    recompute and the dgrad. ``history``: the block's amax history (``x``'s and
+    ``dzr``'s rows; writes not declared, as in ``.linear_residual_sumsq``)."""
     rstd = row_rstd(x, eps)
     freq = rope_freq_table(freqs_cis, wq.shape[0], wk.shape[0], wv.shape[0])
     weights, positions = [wq, wk, wv], positions.float()
     if fp8 is None:
         folded = folded_weight(weights, norm_weight, False, keep)
         return rmsnorm_qkv_rope_gemm(x, rstd, folded, positions, freq), rstd
-    a, w = fp8_operands.quantize(x, "act"), fp8_operands.weight(weights, norm_weight, False, keep)
+    a = fp8_operands.quantize(x, "act", fp8, fp8_operands.row(history, X_ROW))
+    w = fp8_operands.weight(weights, norm_weight, False, keep)
     dq_rstd = rstd * (a.inv_scale * w.inv_scale)
     return rmsnorm_qkv_rope_gemm(a.rows, dq_rstd, w.rows, positions, freq), rstd
 
 
 @rmsnorm_qkv_rope_op.register_fake
-def _(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, keep, fp8):
+def _(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, keep, fp8, history):
     n = wq.shape[0] + wk.shape[0] + wv.shape[0]
     return x.new_empty(x.shape[0], n), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, norm_weight, wq, wk, wv, freqs_cis, positions, _, _, fp8 = inputs
+    x, norm_weight, wq, wk, wv, freqs_cis, positions, _, _, fp8, history = inputs
     qkv, rstd = output
-    ctx.save_for_backward(x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv)
+    ctx.save_for_backward(x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv, history)
     ctx.mark_non_differentiable(rstd)
     ctx.fp8 = fp8
 
 
 def _backward(ctx, dqkv, _drstd):
-    x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv = ctx.saved_tensors
+    x, rstd, norm_weight, wq, wk, wv, freqs_cis, positions, qkv, history = ctx.saved_tensors
     nq, nk = wq.shape[0], wk.shape[0]
     dzr, zdz = rope_backward_zdz(dqkv, qkv, freqs_cis, positions, rstd, nq, nk)
     weights, zdz_r2 = [wq, wk, wv], rstd.square() * zdz
@@ -208,9 +212,9 @@ def _backward(ctx, dqkv, _drstd):
         folded_grad = dzr.t() @ x
     else:
         dx, folded_grad = rmsnorm_linear_grads_fp8(dzr, weights, norm_weight, False, x, zdz_r2,
-                                                   None)
+                                                   None, ctx.fp8, history, DZR_ROW, X_ROW)
     dwq, dwk, dwv, dnorm = unfold_grads(folded_grad, weights, norm_weight, False)
-    return dx, dnorm, dwq, dwk, dwv, None, None, None, None, None
+    return dx, dnorm, dwq, dwk, dwv, None, None, None, None, None, None
 
 
 rmsnorm_qkv_rope_op.register_autograd(_backward, setup_context=_setup_context)
@@ -222,11 +226,12 @@ _op_sac_save_list.add(torch.ops.coda.rmsnorm_qkv_rope.default)
 
 
 def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, *, strict=False,
-                     keep_weights=False, fp8=None):
+                     keep_weights=False, fp8=None, history=None):
     reason = unsupported_reason(x, weights=(wq, wk, wv), fp8=fp8)
     if reason is not None:
         report_fallback("rmsnorm_qkv_rope", reason, strict)
-        return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8=fp8)
+        return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8=fp8,
+                         history=history)
     qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps,
-                                 keep_weights, fp8)
+                                 keep_weights, fp8, history)
     return qkv

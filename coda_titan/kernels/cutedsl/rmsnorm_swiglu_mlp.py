@@ -36,6 +36,7 @@ from quack.epilogue.ops import ColVecLoad, ColVecReduce, Scalar
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
 from ..fallback import report_fallback
+from ..fp8 import history_index
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from . import fp8_operands
@@ -46,6 +47,8 @@ from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
 
 CFG_UP = TILES["swiglu"]
 CFG_DOWN_GRAD = TILES["dswiglu"]
+H_ROW, A_ROW, DOUT_ROW, DZR_ROW = (history_index("rmsnorm_swiglu_mlp", row)
+                                   for row in ("h", "a", "dout", "dzr"))
 
 
 @gemm_epilogue(outputs=("act",), ops={"rstd": ColVecLoad("rstd"), "dq": Scalar("dq")},
@@ -115,23 +118,24 @@ def _(dout, w2, gu, rstd):
 @torch.library.custom_op("coda::rmsnorm_swiglu", mutates_args=(), device_types="cuda")
 def rmsnorm_swiglu(
     h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor,
-    w3: torch.Tensor, eps: float, keep: bool, fp8: str | None,
+    w3: torch.Tensor, eps: float, keep: bool, fp8: str | None, history: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(GU, act, r) for h (M, D): the pre-activation, silu(r*gate) * (r*up), the row rstd.
     No backward: ``swiglu_down_residual``'s covers it. ``keep``: the folded W13
-    (FP8 under ``fp8``) stays prepared for the recompute and the dgrad."""
+    (FP8 under ``fp8``) stays prepared for the recompute and the dgrad. ``history``:
+    the block's amax history (writes not declared, as in ``.linear_residual_sumsq``)."""
     rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
     if fp8 is None:
         gu, act = rmsnorm_swiglu_gemm(h, rstd, folded_weight([w1, w3], norm_weight, True, keep))
     else:
-        a = fp8_operands.quantize(h, "act")
+        a = fp8_operands.quantize(h, "act", fp8, fp8_operands.row(history, H_ROW))
         w = fp8_operands.weight([w1, w3], norm_weight, True, keep)
         gu, act = rmsnorm_swiglu_gemm(a.rows, rstd, w.rows, a.inv_scale * w.inv_scale)
     return gu, act, rstd
 
 
 @rmsnorm_swiglu.register_fake
-def _(h, sumsq, norm_weight, w1, w3, eps, keep, fp8):
+def _(h, sumsq, norm_weight, w1, w3, eps, keep, fp8, history):
     m, f = h.shape[0], w1.shape[0]
     return h.new_empty(m, 2 * f), h.new_empty(m, f), h.new_empty(m, dtype=torch.float32)
 
@@ -140,21 +144,21 @@ def _(h, sumsq, norm_weight, w1, w3, eps, keep, fp8):
 def swiglu_down_residual(
     h: torch.Tensor, act: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor,
     norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-    keep: bool, fp8: str | None,
+    keep: bool, fp8: str | None, history: torch.Tensor | None,
 ) -> torch.Tensor:
     """out = h + act @ W2.T (h's shape); act, GU and r as ``rmsnorm_swiglu`` returned them
-    for these h, norm weight, W1 and W3 (and ``keep``, ``fp8``)."""
-    return linear_residual_sumsq_fwd(h, act, w2, fp8, keep)[0]
+    for these h, norm weight, W1 and W3 (and ``keep``, ``fp8``, ``history``)."""
+    return linear_residual_sumsq_fwd(h, act, w2, fp8, keep, history, A_ROW)[0]
 
 
 @swiglu_down_residual.register_fake
-def _(h, act, gu, rstd, norm_weight, w1, w3, w2, keep, fp8):
+def _(h, act, gu, rstd, norm_weight, w1, w3, w2, keep, fp8, history):
     return torch.empty_like(h)
 
 
 def _setup_context(ctx, inputs, output):
-    h, _, gu, rstd, norm_weight, w1, w3, w2, _, fp8 = inputs
-    ctx.save_for_backward(h, gu, rstd, norm_weight, w1, w3, w2)
+    h, _, gu, rstd, norm_weight, w1, w3, w2, _, fp8, history = inputs
+    ctx.save_for_backward(h, gu, rstd, norm_weight, w1, w3, w2, history)
     ctx.fp8 = fp8
 
 
@@ -168,33 +172,37 @@ def _backward_bf16(dout, h2d, gu, rstd, norm_weight, w1, w3, w2):
 @torch.library.custom_op("coda::swiglu_mlp_grads_fp8", mutates_args=(), device_types="cuda")
 def swiglu_mlp_grads_fp8(
     dout: torch.Tensor, h2d: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor,
-    norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+    norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, fp8: str,
+    history: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dW2, dW13') as ``_backward_bf16`` with every GEMM in FP8: the dgrads in
     the epilogue GEMMs, the wgrads in cuBLAS from the transposed casts."""
-    g = fp8_operands.quantize(dout, "grad", rows=True, cols=True)
+    g = fp8_operands.quantize(dout, "grad", fp8, fp8_operands.row(history, DOUT_ROW), cols=True)
     w = fp8_operands.weight([w2], None, False, last=True)
     dgu, act, drstd = dswiglu_drstd_gemm(g.rows, w.cols, gu, rstd, g.inv_scale * w.inv_scale)
-    dw2 = fp8_operands.wgrad(g, act)
+    dw2 = fp8_operands.wgrad(g, act, fp8, fp8_operands.row(history, A_ROW))
     dh, dw13 = rmsnorm_linear_grads_fp8(dgu, [w1, w3], norm_weight, True, h2d,
-                                        rstd.pow(3) * drstd, dout)
+                                        rstd.pow(3) * drstd, dout, fp8, history, DZR_ROW, H_ROW)
     return dh, dw2, dw13
 
 
 @swiglu_mlp_grads_fp8.register_fake
-def _(dout, h2d, gu, rstd, norm_weight, w1, w3, w2):
+def _(dout, h2d, gu, rstd, norm_weight, w1, w3, w2, fp8, history):
     return torch.empty_like(h2d), torch.empty_like(w2), gu.new_empty(gu.shape[1], h2d.shape[1])
 
 
 def _backward(ctx, dout):
     """The MLP's backward; d r / d h = -r**3 h / D gives the RMSNorm correction."""
-    h, gu, rstd, norm_weight, w1, w3, w2 = ctx.saved_tensors
+    h, gu, rstd, norm_weight, w1, w3, w2, history = ctx.saved_tensors
     h2d = h.reshape(-1, h.shape[-1])
     dout = dout.reshape(h2d.shape).contiguous()
-    grads = _backward_bf16 if ctx.fp8 is None else swiglu_mlp_grads_fp8
-    dh, dw2, dw13 = grads(dout, h2d, gu, rstd, norm_weight, w1, w3, w2)
+    if ctx.fp8 is None:
+        dh, dw2, dw13 = _backward_bf16(dout, h2d, gu, rstd, norm_weight, w1, w3, w2)
+    else:
+        dh, dw2, dw13 = swiglu_mlp_grads_fp8(dout, h2d, gu, rstd, norm_weight, w1, w3, w2,
+                                             ctx.fp8, history)
     dw1, dw3, dnorm = unfold_grads(dw13, [w1, w3], norm_weight, True)
-    return dh.view(h.shape), None, None, None, dnorm, dw1, dw3, dw2, None, None
+    return dh.view(h.shape), None, None, None, dnorm, dw1, dw3, dw2, None, None, None
 
 
 swiglu_down_residual.register_autograd(_backward, setup_context=_setup_context)
@@ -206,13 +214,14 @@ _op_sac_save_list.add(torch.ops.coda.rmsnorm_swiglu.default)
 
 
 def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None, *, strict=False,
-                       keep_weights=False, fp8=None):
+                       keep_weights=False, fp8=None, history=None):
     reason = unsupported_reason(h, weights=(w1, w3, w2), fp8=fp8)
     if reason is not None:
         report_fallback("rmsnorm_swiglu_mlp", reason, strict)
-        return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq, fp8=fp8)
+        return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq, fp8=fp8, history=history)
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)
     gu, act, rstd = rmsnorm_swiglu(h.detach().reshape(-1, h.shape[-1]), sumsq, norm_weight.detach(),
-                                   w1.detach(), w3.detach(), eps, keep_weights, fp8)
-    return swiglu_down_residual(h, act, gu, rstd, norm_weight, w1, w3, w2, keep_weights, fp8)
+                                   w1.detach(), w3.detach(), eps, keep_weights, fp8, history)
+    return swiglu_down_residual(h, act, gu, rstd, norm_weight, w1, w3, w2, keep_weights, fp8,
+                                history)
