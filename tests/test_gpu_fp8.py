@@ -264,3 +264,22 @@ def test_fp8_delayed_block_compiles_under_full_ac_and_steps_its_history():
     torch.testing.assert_close(inner.fp8_amax_history, eager.fp8_amax_history, rtol=1e-2, atol=0)
     assert rel_err(got[0], want[0]) < 1e-2
     assert rel_err(got[1], want[1]) < 1e-2
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_fp8_weight_keeps_one_orientation_and_the_dgrad_gets_the_other(keep):
+    """The forward's FP8 weight (rows) is kept alone; the dgrad's (cols) is its exact
+    transpose, from the kept copy or cast afresh, with the same scale."""
+    from coda_titan.kernels.cutedsl import fp8_operands
+
+    torch.manual_seed(8)
+    w1, w3 = (torch.randn(1536, 2048, device=DEV, dtype=BF) for _ in range(2))
+    g = (torch.rand(2048, device=DEV) + 0.5).to(BF)
+    prepared_weights.clear()
+    fwd = fp8_operands.weight([w1, w3], g, True, keep)
+    assert fwd.cols is None and prepared_weights.count() == int(keep)
+    poison_allocator()
+    dgrad = fp8_operands.weight([w1, w3], g, True, last=True)
+    assert dgrad.rows is None and prepared_weights.count() == 0
+    assert torch.equal(dgrad.cols.view(torch.uint8), fwd.rows.t().contiguous().view(torch.uint8))
+    assert torch.equal(dgrad.inv_scale, fwd.inv_scale)

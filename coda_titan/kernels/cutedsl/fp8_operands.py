@@ -14,7 +14,8 @@ is cast in the orientations its GEMMs contract it along:
 - a weight ``W`` (N, K), norm weight folded in where the op folds it, feeds the
   forward as ``W`` and the dgrad as ``W.T``. It is cast once per parameter
   update (``..prepared_weights``, tagged apart from the bf16 fold) when the
-  converter keeps prepared weights, else once per pass.
+  converter keeps prepared weights, else once per pass; the dgrad transposes
+  the kept FP8 copy (``weight``).
 
 The epilogue GEMMs (forward, and the dgrads of the three fused ops: K = D, F
 or 2F) run quack's fast accumulation; torchao keeps its dgrads accurate, but
@@ -136,17 +137,44 @@ def row(history: torch.Tensor | None, index: int) -> torch.Tensor | None:
     return None if history is None else history[index]
 
 
+@triton.jit
+def _transpose_kernel(x_ptr, y_ptr, m, n, BLOCK: tl.constexpr):
+    """One BLOCK x BLOCK tile of the bytes of ``x`` (m, n) stored transposed in ``y`` (n, m)."""
+    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.load(x_ptr + rm[:, None] * n + rn[None, :], mask=(rm[:, None] < m) & (rn[None, :] < n))
+    tl.store(y_ptr + rn[:, None] * m + rm[None, :], tl.trans(tile),
+             mask=(rn[:, None] < n) & (rm[None, :] < m))
+
+
+def transposed(q: torch.Tensor) -> torch.Tensor:
+    """``q.T`` contiguous, for an FP8 (or any 1-byte) ``q``: exact, no rescaling."""
+    m, n = q.shape
+    out = torch.empty(n, m, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK))
+    _transpose_kernel[grid](q.view(torch.uint8), out.view(torch.uint8), m, n, BLOCK=CAST_BLOCK,
+                            num_warps=8)
+    return out
+
+
 def weight(weights: list[torch.Tensor], norm_weight: torch.Tensor | None, interleave: bool,
            keep: bool = False, last: bool = False) -> Fp8Operand:
-    """``stack_rows(weights) [* g]`` cast to e4m3 in both orientations: ``rows`` for
-    the forward, ``cols`` for the dgrad. ``keep``/``last`` as in ``gemm.folded_weight``."""
-    def build():
+    """``stack_rows(weights) [* g]`` cast to e4m3: ``rows`` for the forward, or
+    for the dgrad (``last``) ``cols``. ``keep``/``last`` as in ``gemm.folded_weight``.
+    Only the forward's orientation is kept (the weights' memory halves: 8B under
+    full AC keeps every layer's from its forward to its dgrad); the dgrad
+    transposes it, a weight-sized FP8 copy, where it finds it kept, else casts
+    its own from the bf16 weights."""
+    def build(rows=True):
         w = weights[0] if norm_weight is None else _fold_weight(weights, norm_weight, interleave)
-        return quantize(w, "weight", rows=True, cols=True)
+        return quantize(w, "weight", rows=rows, cols=not rows)
 
     tag = f"fp8:{interleave}:{norm_weight is not None}"
     sources = weights if norm_weight is None else [*weights, norm_weight]
-    return taken(tag, sources, build) if last else prepared(tag, sources, build, keep)
+    if not last:
+        return prepared(tag, sources, build, keep)
+    w = taken(tag, sources, lambda: build(rows=False))
+    return w if w.cols is not None else Fp8Operand(None, transposed(w.rows), w.inv_scale)
 
 
 def wgrad(grad: Fp8Operand, x: torch.Tensor, recipe: str,
