@@ -19,7 +19,7 @@ from coda_titan.kernels.cutedsl.gemm import tile_partials
 from coda_titan.kernels.cutedsl.linear_residual_sumsq import residual_sumsq_epi
 from coda_titan.kernels.cutedsl.rmsnorm_linear_cross_entropy import (
     dgrad_zdz_epi, identity_epi, rstd_logits_lse_epi)
-from coda_titan.kernels.cutedsl.rmsnorm_qkv_rope import make_interleaved_inv_freq, rstd_rope_epi
+from quack.epilogue.rotary import make_interleaved_inv_freq, rstd_rope_posfreq_epi
 from coda_titan.kernels.cutedsl.rmsnorm_linear_grad import rmsnorm_grad_residual_epi
 from coda_titan.kernels.cutedsl.rmsnorm_swiglu_mlp import dswiglu_drstd_epi, rstd_swiglu_epi
 
@@ -62,8 +62,9 @@ def cases(size, chunk, m):
     freq = make_interleaved_inv_freq(torch.rand(64, device="cuda").double(), d + d // 4, d // 4, 128)
 
     def qkv_rope(cfg):
-        rstd_rope_epi.gemm(h, wqkv, torch.empty(m, wqkv.shape[0], device="cuda", dtype=torch.bfloat16),
-                           None, epi_args=dict(pos=pos, freq=freq, rstd=rstd), **cfg)
+        rstd_rope_posfreq_epi.gemm(
+            h, wqkv, torch.empty(m, wqkv.shape[0], device="cuda", dtype=torch.bfloat16), None,
+            epi_args=dict(pos=pos, freq=freq, rstd=rstd), **cfg)
 
     hc, wout, logits = bf(chunk, d), bf(vocab, d), bf(chunk, vocab)
     rc, tgt = rstd[:chunk], torch.randint(0, vocab, (chunk,), device="cuda")

@@ -3,16 +3,17 @@
 forward
   ``r`` from one row reduction over ``x`` (no producer GEMM precedes the block
   input), then one GEMM ``x @ [Wq; Wk; Wv]'.T`` (norm weight folded) whose
-  epilogue scales by ``r`` and rotates each (even, odd) column pair by
-  ``position * inv_freq``; V columns carry frequency 0, an exact identity.
-  ``inv_freq`` is read back from TorchTitan's float32 table (its llama3
-  scaling included); the product with the position is formed in float-float
-  turns and range-reduced exactly (quack's rotary helpers), so the angle is
-  at least as accurate as TorchTitan's float32 ``t * freq``.
+  epilogue, quack's ``rstd_rope_posfreq_epi``, scales by ``r`` and rotates each
+  (even, odd) column pair by ``position * inv_freq``; V columns carry frequency
+  0, an exact identity. ``inv_freq`` is read back from TorchTitan's float32
+  table (its llama3 scaling included); quack forms the angle in float-float
+  turns and range-reduces it exactly, so it is at least as accurate as
+  TorchTitan's float32 ``t * freq``.
 backward
   ``dzr = r * [R^T dq, R^T dk, dv]`` and ``sum(dz * z) = sum(dqkv * qkv)`` in
   one CuTe DSL row pass (no GEMM is adjacent: the dgrad and wgrad GEMMs both
-  read ``dzr`` as an operand), then
+  read ``dzr`` as an operand), its cos and sin read from TorchTitan's own
+  table (``freqs_cis``, as the reference), then
   ``dx`` from the dgrad GEMM with the RMSNorm backward in its epilogue, and the
   plain wgrad ``dW' = dzr.T @ x``.
 Under the FP8 recipe (``fp8``) the GEMMs take FP8 operands (``.fp8_operands``):
@@ -24,14 +25,11 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import torch
-from cutlass import Float32
+from cutlass import Float32, Int32
 from quack import copy_utils
 from quack.cache import jit_cache
 from quack.cute_dsl_utils import torch2cute_dtype_map
-from quack.epilogue import gemm_epilogue
-from quack.epilogue.math import pack, unpack
-from quack.epilogue.ops import ColVecLoad, RowVecLoad
-from quack.epilogue.rotary import _angle_turns, _sincos_turns, make_interleaved_inv_freq
+from quack.epilogue.rotary import make_interleaved_inv_freq, rstd_rope_posfreq_epi
 from quack.reduce import row_reduce
 from torch.utils.weak import WeakTensorKeyDictionary
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
@@ -48,17 +46,6 @@ CFG = TILES["qkv_rope"]
 X_ROW, DZR_ROW = (history_index("rmsnorm_qkv_rope", row) for row in ("x", "dzr"))
 
 
-@gemm_epilogue(
-    ops={"pos": ColVecLoad("pos"), "freq": RowVecLoad("freq"), "rstd": ColVecLoad("rstd")},
-    mode="acc_pair",
-)
-def rstd_rope_epi(acc, pos, freq, rstd):
-    """z = r * acc, then (a, b) -> (a cos - b sin, a sin + b cos), angle = pos * freq."""
-    a, b = unpack(acc * rstd)
-    sin, cos = _sincos_turns(*_angle_turns(pos, freq))
-    return {"D": pack(a * cos - b * sin, a * sin + b * cos)}
-
-
 def rmsnorm_qkv_rope_gemm(
     x: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, positions: torch.Tensor,
     freq: torch.Tensor,
@@ -67,8 +54,9 @@ def rmsnorm_qkv_rope_gemm(
     dequantization folded into ``rstd``."""
     x, rstd, folded_weight, positions, freq = aligned(x, rstd, folded_weight, positions, freq)
     qkv = torch.empty(x.shape[0], folded_weight.shape[0], dtype=torch.bfloat16, device=x.device)
-    rstd_rope_epi.gemm(x, folded_weight, qkv, None, post_init_attrs=fp8_operands.accumulation(x),
-                       epi_args=dict(pos=positions, freq=freq, rstd=rstd), **CFG)
+    rstd_rope_posfreq_epi.gemm(x, folded_weight, qkv, None,
+                               post_init_attrs=fp8_operands.accumulation(x),
+                               epi_args=dict(pos=positions, freq=freq, rstd=rstd), **CFG)
     return qkv
 
 
@@ -76,19 +64,44 @@ def rmsnorm_qkv_rope_gemm(
 _freq_tables = WeakTensorKeyDictionary()
 
 
-def rope_freq_table(freqs_cis: torch.Tensor, nq: int, nk: int, nv: int) -> torch.Tensor:
-    """The (nq + nk + nv,) float-float inverse-frequency row the epilogue reads:
-    TorchTitan's (scaled) frequencies, repeated per q/k head, 0 on v columns.
-    Built once per RoPE table (a model buffer) and cached: it is ~10 small launches."""
-    key = (freqs_cis._version, nq, nk, nv)
+def _per_table(freqs_cis: torch.Tensor, key: tuple, build):
+    """``build()``, cached per RoPE table (a model buffer) and ``key``: tables
+    derived from it take ~10 small launches."""
+    key = (freqs_cis._version, *key)
     cached = None if torch.compiler.is_compiling() else _freq_tables.get(freqs_cis)
     if cached is not None and key in cached:
         return cached[key]
-    inv_freq = freqs_cis[1].angle().double()
-    table = make_interleaved_inv_freq(inv_freq, nq + nk, nv, 2 * freqs_cis.shape[-1])
+    table = build()
     if not torch.compiler.is_compiling():
         _freq_tables.setdefault(freqs_cis, {})[key] = table
     return table
+
+
+def rope_freq_table(freqs_cis: torch.Tensor, nq: int, nk: int, nv: int) -> torch.Tensor:
+    """The (nq + nk + nv,) float-float inverse-frequency row the forward epilogue
+    reads: TorchTitan's (scaled) frequencies, repeated per q/k head, 0 on v columns."""
+    def build():
+        inv_freq = freqs_cis[1].angle().double()
+        return make_interleaved_inv_freq(inv_freq, nq + nk, nv, 2 * freqs_cis.shape[-1])
+
+    return _per_table(freqs_cis, ("freq", nq, nk, nv), build)
+
+
+def rope_backward_tables(freqs_cis: torch.Tensor, nq: int, nk: int, nv: int):
+    """``(cos, sin, pair)`` for the backward row pass: TorchTitan's table (positions,
+    hd/2) with a column of angle 0 appended, flattened, and for each column pair
+    of ``[q | k | v]`` its column in that table (the appended one for v: cos 1,
+    sin 0, an exact identity)."""
+    def build():
+        half = freqs_cis.shape[-1]
+        ones = torch.ones(freqs_cis.shape[0], 1, device=freqs_cis.device)
+        cos = torch.cat((freqs_cis.real.float(), ones), 1).reshape(-1)
+        sin = torch.cat((freqs_cis.imag.float(), 0 * ones), 1).reshape(-1)
+        pairs = torch.arange((nq + nk + nv) // 2, device=freqs_cis.device)
+        pair = torch.where(pairs < (nq + nk) // 2, pairs % half, half).int()
+        return cos, sin, pair
+
+    return _per_table(freqs_cis, ("backward", nq, nk, nv), build)
 
 
 class RopeBackwardZdZ(RowKernel):
@@ -97,17 +110,22 @@ class RopeBackwardZdZ(RowKernel):
         out = r * [R^T dq, R^T dk, dv]     (bf16)
         zdz = sum(dqkv * qkv)              (fp32; = sum(dz * z), R is orthogonal)
 
-    ``R^T`` rotates each (even, odd) pair by minus the forward's angle, computed
-    with the same float-float turns helpers as the forward epilogue from the same
-    frequency row (0 on v columns: an exact identity).
+    ``R^T`` rotates each (even, odd) pair by minus the forward's angle, its cos
+    and sin read from the flattened table (``width`` columns per position) at
+    the pair's column (``rope_backward_tables``).
     """
 
+    def __init__(self, dtype, n: int, width: int):
+        super().__init__(dtype, n)
+        self.width = width
+
     @cute.jit
-    def __call__(self, mD, mZ, mFreq, mPos, mRstd, mO, mZdZ, stream: cuda.CUstream):
-        self.launch(mD.shape[0], stream, mD, mZ, mFreq, mPos, mRstd, mO, mZdZ)
+    def __call__(self, mD, mZ, mCos, mSin, mPair, mPos, mRstd, mO, mZdZ,
+                 stream: cuda.CUstream):
+        self.launch(mD.shape[0], stream, mD, mZ, mCos, mSin, mPair, mPos, mRstd, mO, mZdZ)
 
     @cute.kernel
-    def kernel(self, mD, mZ, mFreq, mPos, mRstd, mO, mZdZ, tiler_mn: cute.Shape,
+    def kernel(self, mD, mZ, mCos, mSin, mPair, mPos, mRstd, mO, mZdZ, tiler_mn: cute.Shape,
                tiled_copy: cute.TiledCopy, threads_per_row: cutlass.Constexpr[int]):
         buffer, mbar, (tXgD, tXgZ, tXgO), tXcX, row = self.setup(
             tiled_copy, tiler_mn, (mD, mZ, mO), mD.shape)
@@ -115,16 +133,17 @@ class RopeBackwardZdZ(RowKernel):
         d = load_row(tXgD, row, mD.shape[0])
         zdz = row_reduce(d * load_row(tXgZ, row, mD.shape[0]), cute.ReductionOp.ADD, threads_per_row,
                          buffer, mbar, init_val=0.0)
-        pos = Float32(0.0)
+        pos = Int32(0)
         rstd = Float32(0.0)
         if in_rows:
             pos = mPos[row]
             rstd = mRstd[row]
+        base = pos * self.width
         dz = cute.make_rmem_tensor(tXgD.shape, Float32)
         dz.store(d)
         for i in cutlass.range_constexpr(cute.size(dz) // 2):
-            col = tXcX[2 * i][1]
-            sin, cos = _sincos_turns(*_angle_turns(pos, pack(mFreq[col], mFreq[col + 1])))
+            at = base + mPair[tXcX[2 * i][1] // 2]
+            cos, sin = mCos[at], mSin[at]
             a, b = dz[2 * i], dz[2 * i + 1]
             dz[2 * i] = (a * cos + b * sin) * rstd
             dz[2 * i + 1] = (b * cos - a * sin) * rstd
@@ -137,10 +156,11 @@ class RopeBackwardZdZ(RowKernel):
 
 
 @jit_cache
-def _compile_rope_backward_zdz(dtype, n):
-    m = cute.sym_int()
+def _compile_rope_backward_zdz(dtype, n, width):
+    m, cells = cute.sym_int(), cute.sym_int()
     rows = row_major(dtype, m, n)
-    return compile_row_kernel(RopeBackwardZdZ(dtype, n), rows, rows, vector(n), vector(m), vector(m),
+    return compile_row_kernel(RopeBackwardZdZ(dtype, n, width), rows, rows, vector(cells),
+                              vector(cells), vector(n // 2, Int32), vector(m, Int32), vector(m),
                               rows, vector(m))
 
 
@@ -150,11 +170,13 @@ def rope_backward_zdz(
     rstd: torch.Tensor, nq: int, nk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(r * [R^T dq, R^T dk, dv], sum(dz * z) = sum(dqkv * qkv))`` in one pass."""
-    freq = rope_freq_table(freqs_cis, nq, nk, qkv.shape[1] - nq - nk)
-    dqkv, qkv, freq, pos, rstd = aligned(dqkv.contiguous(), qkv, freq, positions.float(), rstd)
+    cos, sin, pair = rope_backward_tables(freqs_cis, nq, nk, qkv.shape[1] - nq - nk)
+    dqkv, qkv, cos, sin, pair, pos, rstd = aligned(dqkv.contiguous(), qkv, cos, sin, pair,
+                                                   positions.int(), rstd)
     dzr, zdz = torch.empty_like(qkv), torch.empty_like(rstd)
-    kernel = _compile_rope_backward_zdz(torch2cute_dtype_map[qkv.dtype], qkv.shape[1])
-    kernel(dqkv, qkv, freq, pos, rstd, dzr, zdz)
+    kernel = _compile_rope_backward_zdz(torch2cute_dtype_map[qkv.dtype], qkv.shape[1],
+                                        freqs_cis.shape[-1] + 1)
+    kernel(dqkv, qkv, cos, sin, pair, pos, rstd, dzr, zdz)
     return dzr, zdz
 
 

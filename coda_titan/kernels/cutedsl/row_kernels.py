@@ -69,8 +69,8 @@ def row_major(dtype, m, n):
     return make_fake_tensor(dtype, (m, n), VECTOR)
 
 
-def vector(size):
-    return make_fake_tensor(Float32, (size,))
+def vector(size, dtype=Float32):
+    return make_fake_tensor(dtype, (size,))
 
 
 def compile_row_kernel(kernel, *fake_args):
