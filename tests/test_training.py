@@ -229,7 +229,7 @@ def test_wandb_run_named_by_arm_and_grouped_for_comparison(wandb_run):
 
 @pytest.mark.parametrize("config, name", [
     ("llama3_debug_baseline", "baseline"), ("llama3_debug_coda", "coda-bf16"),
-    ("llama3_1b_baseline_fp8", "baseline-fp8"), ("llama3_1b_coda_fp8", "coda-fp8-tensorwise"),
+    ("llama3_1b_baseline_fp8", "baseline-fp8"), ("llama3_1b_coda_fp8", "coda-fp8-delayed"),
 ])
 def test_arms_named_for_wandb(config, name):
     from torchtitan.config import ConfigManager
