@@ -376,3 +376,34 @@ def test_an_operand_that_keeps_saturating_is_logged(caplog):
     assert len(warnings) == 2 and all("layers.0.rmsnorm_swiglu_mlp.dout" in w for w in warnings)
     assert "(3)" in warnings[0] and "(4)" in warnings[1]
     assert "rmsnorm_qkv_rope" not in warnings[1]
+
+
+def _step_on_rank(rank, world, init_file, results):
+    import torch.distributed as dist
+
+    from coda_titan.layers.delayed_scaling import DelayedScaling
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = delayed_model()
+        with torch.no_grad():
+            for i, block in enumerate(model.layers.values()):
+                block.fp8_amax_history[:, 0] = torch.arange(HISTORY_SITES) * (rank + 1) + i
+                block.fp8_amax_history[:, 0] *= -1 if rank else 1
+        DelayedScaling().step(model)
+        results[rank] = torch.stack([b.fp8_amax_history.clone() for b in model.layers.values()])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_delayed_histories_are_max_reduced_across_data_parallel_ranks(tmp_path):
+    """Every rank keeps the same history (the max of the ranks' current amaxes),
+    so they scale alike and a checkpoint, saved once, resumes each of them."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_step_on_rank, args=(2, tmp_path / "init", results), nprocs=2)
+    rank0, rank1 = results[0], results[1]
+    assert torch.equal(rank0, rank1)
+    want = torch.stack([torch.arange(HISTORY_SITES) + i for i in range(3)]).float()
+    assert torch.equal(rank0[:, :, 1], want) and not rank0[:, :, 0].any()
