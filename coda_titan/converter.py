@@ -7,7 +7,8 @@ TorchTitan converters it runs on the meta-device model before parallelization
 and compile, and changes no parameter: each ``TransformerBlock`` becomes a
 ``CodaTransformerBlock`` in place, and with ``fuse_norm_output_loss`` the
 final ``norm``/``output`` defer to the fused loss. State dicts are identical,
-so checkpoints move freely between baseline and converted runs.
+so checkpoints move freely between baseline and converted runs, except under
+the ``delayed`` FP8 recipe, whose blocks add their amax history (a buffer).
 
 Which linears it fuses (their weights are read directly by the fused ops, so
 no other converter may replace them):
@@ -59,8 +60,8 @@ def keeps_folded_weights(ac_mode: str, fsdp: bool) -> bool:
     TorchTitan's). Not under selective AC, where CODA saves more than TorchTitan
     already (8B seq 8192: 8.5 GiB more for ~6 ms), nor under FSDP, which gathers
     the weights again for the backward. These figures are bf16's; under
-    ``fp8 = "coda"`` the kept weights are FP8 in both orientations, wo and w2
-    included (8B full AC: peak 63.9 GiB against bf16's 60.0).
+    ``fp8 = "coda"`` the kept weights are FP8 in the forward's orientation, wo
+    and w2 included (8B full AC: peak 60.0 GiB, as bf16 and float8).
     """
     return ac_mode in ("none", "full") and not fsdp
 

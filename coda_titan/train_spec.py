@@ -7,14 +7,17 @@ on whatever the model returns, and the loss comes from the train spec. With
 instead of logits; this spec's loss computes the summed cross-entropy from it
 with the chunked fused op (no M x V logits), and for plain logits it is
 TorchTitan's own ``cross_entropy_loss`` (compiled when ``[compile]`` asks), so
-baseline runs use this spec unchanged. Everything else is llama3's.
+baseline runs use this spec unchanged. Its HF state-dict adapter leaves the
+``delayed`` FP8 recipe's amax histories out (run state, not weights: a run
+started from HF weights fills them afresh). Everything else is llama3's.
 """
 
 from dataclasses import replace
 
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.metrics import build_metrics_processor
-from torchtitan.models.llama3 import TransformerModelArgs, get_train_spec, llama3_args
+from torchtitan.models.llama3 import (
+    Llama3StateDictAdapter, TransformerModelArgs, get_train_spec, llama3_args)
 from torchtitan.protocols.train_spec import register_train_spec
 
 from .layers import LMHeadInput
@@ -52,6 +55,15 @@ coda_llama3_args = {
 }
 
 
+class CodaLlama3StateDictAdapter(Llama3StateDictAdapter):
+    """TorchTitan's llama3 HF adapter, without the blocks' ``fp8_amax_history``
+    (HF has no name for it; ``from_hf`` then leaves it as it is)."""
+
+    def to_hf(self, state_dict):
+        return super().to_hf({key: value for key, value in state_dict.items()
+                              if not key.endswith(".fp8_amax_history")})
+
+
 def build_coda_loss(job_config, **kwargs):
     """Summed cross-entropy from logits or from a fused ``LMHeadInput``."""
     logits_loss = build_cross_entropy_loss(job_config, **kwargs)
@@ -79,5 +91,6 @@ def register_coda_train_spec() -> None:
             model_args=coda_llama3_args,
             build_loss_fn=build_coda_loss,
             build_metrics_processor_fn=build_coda_metrics_processor,
+            state_dict_adapter=CodaLlama3StateDictAdapter,
         ),
     )

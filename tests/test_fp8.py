@@ -18,7 +18,7 @@ from coda_titan.config import Coda
 from coda_titan.converter import CodaConverter, convert_model
 from coda_titan.kernels import REFERENCE, ops_for
 from coda_titan.kernels.fp8 import (
-    FORMATS, HISTORY, HISTORY_SITES, RECIPES, fake_quantize, gemm, quantize, roll_history)
+    FORMATS, HISTORY, HISTORY_SITES, fake_quantize, gemm, quantize, roll_history)
 
 from .conftest import rel_err
 from .test_converter import job_config, make_model, single_device
@@ -407,3 +407,43 @@ def test_delayed_histories_are_max_reduced_across_data_parallel_ranks(tmp_path):
     assert torch.equal(rank0, rank1)
     want = torch.stack([torch.arange(HISTORY_SITES) + i for i in range(3)]).float()
     assert torch.equal(rank0[:, :, 1], want) and not rank0[:, :, 0].any()
+
+
+def test_hf_checkpoints_leave_the_amax_history_out():
+    """TorchTitan's HF adapter knows no ``fp8_amax_history`` (a KeyError in
+    ``to_hf``); the coda_llama3 spec's adapter leaves it out both ways."""
+    from coda_titan.train_spec import CodaLlama3StateDictAdapter
+
+    model = delayed_model()
+    adapter = CodaLlama3StateDictAdapter(model.model_args, None)
+    state = model.state_dict()
+    hf = adapter.to_hf(state)
+    assert not [k for k in hf if "amax" in k]
+    assert set(adapter.from_hf(hf)) == {k for k in state if not k.endswith("fp8_amax_history")}
+
+
+def test_a_reference_fallback_in_a_kernel_block_keeps_no_history():
+    """Inside a kernel block a reference fallback neither reads nor writes the
+    history (its in-place record would clash with the kernel ops' saved history)."""
+    from coda_titan.kernels.fallback import fallback_recipe
+
+    assert fallback_recipe("delayed") == ("tensorwise", None)
+    assert fallback_recipe("tensorwise") == ("tensorwise", None)
+    assert fallback_recipe(None) == (None, None)
+
+
+def test_evaluation_records_nothing_and_a_diverging_amax_is_dropped():
+    from coda_titan.layers.delayed_scaling import DelayedScaling
+
+    model = delayed_model()
+    block = model.layers["0"]
+    with torch.no_grad():
+        assert block.fp8_recipe() == ("tensorwise", None)
+        model(torch.randint(0, model.vocab_size, (2, 32)))
+    assert not block.fp8_amax_history.any()
+    with torch.no_grad():
+        block.fp8_amax_history[:, 0] = 2.0
+        block.fp8_amax_history[3, 0] = float("inf")
+        block.fp8_amax_history[5, 0] = float("nan")
+    DelayedScaling().step(model)
+    assert block.fp8_amax_history[:, 1].tolist() == [2.0, 2.0, 2.0, 0.0, 2.0, 0.0, 2.0, 2.0]

@@ -17,6 +17,15 @@ from torchtitan.tools.logging import logger
 _reported: set[tuple[str, str]] = set()
 
 
+def fallback_recipe(fp8: str | None) -> tuple[str | None, None]:
+    """``(fp8, history)`` for a reference fallback inside a kernel block: no amax
+    history, ``delayed`` scaled as ``tensorwise``. The reference records amaxes by
+    an in-place write, which bumps the history's version counter; the kernel ops
+    of the same block save the history for their backward, which would then fail
+    (and under compile the write-back would overwrite their records)."""
+    return ("tensorwise" if fp8 == "delayed" else fp8), None
+
+
 @torch._dynamo.assume_constant_result
 def report_fallback(op: str, reason: str, strict: bool) -> None:
     """Log once that ``op`` ran the reference because of ``reason``; raise if ``strict``."""

@@ -24,7 +24,8 @@ Under ``delayed`` (and, to fill it, under ``tensorwise`` when given one) each
 activation and gradient has a row of an amax history ``(1 + HISTORY,)``:
 entry 0 is the running max of the current step, entries 1.. the past steps,
 newest first; ``roll_history`` moves on a step. Weights are always scaled
-from their current amax: they are cast once per optimizer step anyway.
+from their current amax: their amax pass is weight-sized, and where the
+converter keeps prepared weights it runs once per optimizer step.
 
 The reference dequantizes and multiplies in float32 (float64 inputs stay
 float64), which is what a kernel with fp32 accumulation computes from the same

@@ -5,8 +5,8 @@ interleaved) with the norm weight folded in, ``W' = stack(W) * g``. That work
 depends only on the parameters, so with ``keep`` it is built on first use after
 a parameter update and reused by the activation-checkpointing recompute and
 the backward's dgrad, instead of once by each (three times per layer under
-full AC). The FP8 kernels' weights (folded, cast to e4m3 in both orientations,
-with their scale) are prepared the same way, under their own tag.
+full AC). The FP8 kernels' weights (folded, cast to e4m3 in the forward's
+orientation, with their scale) are prepared the same way, under their own tag.
 
 A stale entry is never read:
 - every ``torch.optim`` optimizer step drops all entries (a global step hook:

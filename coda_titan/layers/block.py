@@ -2,7 +2,8 @@
 
 The block keeps TorchTitan's submodules and names (``attention.wq``,
 ``attention_norm``, ``feed_forward.w1`` ...), so parameters, checkpoints and
-``init_weights`` are unchanged; only ``forward`` differs::
+``init_weights`` are TorchTitan's (the ``delayed`` FP8 recipe adds one buffer,
+below); only ``forward`` differs::
 
     qkv     = rmsnorm_qkv_rope(x)              # attention_norm + wq/wk/wv + RoPE, packed
     attn    = packed_attention(qkv)            # causal attention on the packed heads
@@ -79,9 +80,13 @@ class CodaTransformerBlock(TransformerBlock):
             self.fp8_history_ready = False
 
     def fp8_recipe(self) -> tuple[str | None, torch.Tensor | None]:
-        """The FP8 recipe this step's casts use, and the amax history they record in."""
+        """The FP8 recipe this step's casts use, and the amax history they record
+        in. Without gradients (evaluation) nothing is recorded: the casts scale
+        from their current amaxes, and validation data leaves training's scales alone."""
         if self.fp8 != "delayed":
             return self.fp8, None
+        if not torch.is_grad_enabled():
+            return "tensorwise", None
         return ("delayed" if self.fp8_history_ready else "tensorwise"), self.fp8_amax_history
 
     def forward(self, x, freqs_cis, attention_masks, positions=None):

@@ -7,7 +7,8 @@ the buffers once) resumes every rank exactly. The converter's
 ``post_optimizer_hook`` runs this; a model converted by hand calls ``step``
 after its optimizer's.
 
-Saturation: a delayed scale comes from past amaxes, so an operand whose amax
+A non-finite current amax (a diverging step) is recorded as 0. Saturation: a
+delayed scale comes from past amaxes, so an operand whose amax
 grows past its history saturates (clamps at the format's max) in that step.
 The steps where that happened are counted on the device and read every
 ``check_every`` steps; an operand that saturated in more than half of them is
@@ -25,11 +26,19 @@ from .block import CodaTransformerBlock
 SITE_NAMES = [f"{op}.{row}" for op, rows in HISTORY_ROWS.items() for row in rows]
 
 
+# Module names that compile and activation checkpointing wrap around a block.
+WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.")
+
+
 def delayed_blocks(model_parts: nn.Module | list[nn.Module]) -> list[tuple[str, CodaTransformerBlock]]:
-    """(name, block) of each converted block keeping an amax history, in module order."""
+    """(name, block) of each converted block keeping an amax history, in module
+    order; names as in the state dict (``layers.3``), without wrapper modules."""
     parts = model_parts if isinstance(model_parts, list) else [model_parts]
-    return [(name, module) for part in parts for name, module in part.named_modules()
-            if isinstance(module, CodaTransformerBlock) and module.fp8 == "delayed"]
+    found = [(name, module) for part in parts for name, module in part.named_modules()
+             if isinstance(module, CodaTransformerBlock) and module.fp8 == "delayed"]
+    for wrapper in WRAPPERS:
+        found = [(name.replace(wrapper, ""), module) for name, module in found]
+    return found
 
 
 class DelayedScaling:
@@ -46,7 +55,9 @@ class DelayedScaling:
             return
         histories = [block.fp8_amax_history for _, block in blocks]
         stacked = torch.stack(histories)
-        current = stacked[:, :, 0].contiguous()
+        # A non-finite amax (a diverging step) is dropped: kept, it would zero the
+        # operand's scale for the whole history.
+        current = torch.nan_to_num(stacked[:, :, 0], nan=0.0, posinf=0.0)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(current, op=dist.ReduceOp.MAX)
         if all(block.fp8_history_ready for _, block in blocks):  # this step scaled delayed

@@ -55,9 +55,10 @@ def accumulation(a: torch.Tensor) -> tuple:
 
 
 class Fp8Operand(NamedTuple):
-    """An operand cast to FP8: ``rows`` as given, ``cols`` its transpose, its rows
-    zero-padded to a multiple of 16 (each contiguous, or None where not asked
-    for), and ``1 / scale`` (fp32, 1 element)."""
+    """An operand cast to FP8: ``rows`` as given, ``cols`` its transpose (an
+    activation's or gradient's with its rows zero-padded to a multiple of 16; a
+    weight's dimensions are multiples of 16 already), each contiguous or None
+    where not asked for, and ``1 / scale`` (fp32, 1 element)."""
 
     rows: torch.Tensor | None
     cols: torch.Tensor | None

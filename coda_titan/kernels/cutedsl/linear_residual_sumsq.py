@@ -12,11 +12,13 @@ import torch
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.ops import ColVecReduce, Scalar
 
-from ..fallback import report_fallback
+from ..fallback import fallback_recipe, report_fallback
 from ..fp8 import history_index
 from ..linear_residual_sumsq import linear_residual_sumsq as reference
 from . import fp8_operands
 from .gemm import TILES, aligned, tile_partials, unsupported_reason
+
+O_ROW, DH_ROW = (history_index("linear_residual_sumsq", row) for row in ("o", "dh"))
 
 
 @gemm_epilogue(ops={"dq": Scalar("dq")}, reduces={"sumsq": ColVecReduce("sumsq", scaled=True)})
@@ -44,9 +46,11 @@ def residual_sumsq_gemm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
 
 # The amax history is written by the casts (an atomic max into the current
 # entry) but not declared mutated here or in the other FP8 ops: nothing in a
-# traced graph reads it, the casts read only the past entries, and a max does
-# not depend on the order of the writes. Declared, functionalization would
-# thread a copy of it through every graph, the backward's included.
+# traced graph reads or writes it otherwise (a reference fallback in a kernel
+# block takes none: ``fallback_recipe``), the casts read only the past
+# entries, and a max does not depend on the order of the writes. Declared,
+# functionalization would thread a copy of it through every graph, the
+# backward's included.
 @torch.library.custom_op("coda::linear_residual_sumsq_fwd", mutates_args=(), device_types="cuda")
 def linear_residual_sumsq_fwd(
     x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str | None, keep: bool,
@@ -54,7 +58,9 @@ def linear_residual_sumsq_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + o @ W.T and sum(h**2) per row; x and h may have leading dims
     (a block's output is no view then), o is (M, K). ``fp8``: the recipe or None;
-    ``keep``: its FP8 weight stays prepared; ``history[row]``: ``o``'s amax history."""
+    ``keep``: its FP8 weight stays prepared; ``history[row]``: ``o``'s amax history.
+    Its registered backward is wo's (rows ``o``, ``dh``); w2's use, inside the
+    MLP op, is covered by the MLP's backward."""
     if fp8 is None:
         return residual_sumsq_gemm(x, o, weight)
     a = fp8_operands.quantize(o, "act", fp8, fp8_operands.row(history, row))
@@ -68,26 +74,26 @@ def _(x, o, weight, fp8, keep, history, row):
 
 
 def _setup_context(ctx, inputs, output):
-    _, o, weight, fp8, _, history, row = inputs
+    _, o, weight, fp8, _, history, _ = inputs
     ctx.save_for_backward(o, weight, history)
-    ctx.fp8, ctx.row = fp8, row
+    ctx.fp8 = fp8
     ctx.mark_non_differentiable(output[1])
 
 
 @torch.library.custom_op("coda::linear_grads_fp8", mutates_args=(), device_types="cuda")
 def linear_grads_fp8(dh: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str,
-                     history: torch.Tensor | None, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh @ W, dh.T @ o)`` in FP8 (``dh`` (M, N) 2-D): both in cuBLAS, the
-    forward's FP8 weight taken (its last reader). ``history[row]`` is ``o``'s
-    amax history, ``history[row + 1]`` ``dh``'s (``..fp8.HISTORY_ROWS``)."""
-    g = fp8_operands.quantize(dh, "grad", fp8, fp8_operands.row(history, row + 1), cols=True)
+    forward's FP8 weight taken (its last reader). ``history``: the block's, with
+    wo's rows ``o`` and ``dh``."""
+    g = fp8_operands.quantize(dh, "grad", fp8, fp8_operands.row(history, DH_ROW), cols=True)
     w = fp8_operands.weight([weight], None, False, last=True)
     return (fp8_operands.scaled_mm(g.rows, g.inv_scale, w.cols, w.inv_scale, o.dtype),
-            fp8_operands.wgrad(g, o, fp8, fp8_operands.row(history, row)))
+            fp8_operands.wgrad(g, o, fp8, fp8_operands.row(history, O_ROW)))
 
 
 @linear_grads_fp8.register_fake
-def _(dh, o, weight, fp8, history, row):
+def _(dh, o, weight, fp8, history):
     return torch.empty_like(o), torch.empty_like(weight)
 
 
@@ -97,7 +103,7 @@ def _backward(ctx, dh, _dsumsq):
     dh2d = dh.reshape(-1, weight.shape[0])
     if ctx.fp8 is None:
         return dh, dh2d @ weight, dh2d.t() @ o, None, None, None, None
-    grads = linear_grads_fp8(dh2d.contiguous(), o, weight, ctx.fp8, history, ctx.row)
+    grads = linear_grads_fp8(dh2d.contiguous(), o, weight, ctx.fp8, history)
     return dh, *grads, None, None, None, None
 
 
@@ -111,6 +117,6 @@ def linear_residual_sumsq(x, o, weight, *, strict=False, keep_weights=False, fp8
     reason = unsupported_reason(x, o, weights=(weight,), fp8=fp8)
     if reason is not None:
         report_fallback("linear_residual_sumsq", reason, strict)
+        fp8, history = fallback_recipe(fp8)
         return reference(x, o, weight, fp8=fp8, history=history)
-    return linear_residual_sumsq_fwd(x, o, weight, fp8, keep_weights, history,
-                                     history_index("linear_residual_sumsq", "o"))
+    return linear_residual_sumsq_fwd(x, o, weight, fp8, keep_weights, history, O_ROW)

@@ -12,8 +12,8 @@ forward
 backward
   ``dzr = r * [R^T dq, R^T dk, dv]`` and ``sum(dz * z) = sum(dqkv * qkv)`` in
   one CuTe DSL row pass (no GEMM is adjacent: the dgrad and wgrad GEMMs both
-  read ``dzr`` as an operand), its cos and sin read from TorchTitan's own
-  table (``freqs_cis``, as the reference), then
+  read ``dzr`` as an operand), its cos and sin read from a table of the
+  forward's angles, then
   ``dx`` from the dgrad GEMM with the RMSNorm backward in its epilogue, and the
   plain wgrad ``dW' = dzr.T @ x``.
 Under the FP8 recipe (``fp8``) the GEMMs take FP8 operands (``.fp8_operands``):
@@ -34,7 +34,7 @@ from quack.reduce import row_reduce
 from torch.utils.weak import WeakTensorKeyDictionary
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
-from ..fallback import report_fallback
+from ..fallback import fallback_recipe, report_fallback
 from ..fp8 import history_index
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from . import fp8_operands
@@ -88,18 +88,20 @@ def rope_freq_table(freqs_cis: torch.Tensor, nq: int, nk: int, nv: int) -> torch
 
 
 def rope_backward_tables(freqs_cis: torch.Tensor, nq: int, nk: int, nv: int):
-    """``(cos, sin, pair)`` for the backward row pass: TorchTitan's table (positions,
-    hd/2) with a column of angle 0 appended, flattened, and for each column pair
-    of ``[q | k | v]`` its column in that table (the appended one for v: cos 1,
-    sin 0, an exact identity)."""
+    """``(cos, sin, pair)`` for the backward row pass: the cos and sin of every
+    position's angles (positions, hd/2), from the forward epilogue's frequencies
+    in float64 (so the backward inverts the forward's rotation, whose angles are
+    exact, at any position TorchTitan's table has), with a column of angle 0
+    appended, flattened; and for each column pair of ``[q | k | v]`` its column
+    in that table (the appended one for v: cos 1, sin 0, an exact identity)."""
     def build():
-        half = freqs_cis.shape[-1]
-        ones = torch.ones(freqs_cis.shape[0], 1, device=freqs_cis.device)
-        cos = torch.cat((freqs_cis.real.float(), ones), 1).reshape(-1)
-        sin = torch.cat((freqs_cis.imag.float(), 0 * ones), 1).reshape(-1)
+        positions, half = freqs_cis.shape
+        inv_freq = freqs_cis[1].angle().double()
+        angle = torch.arange(positions, device=freqs_cis.device, dtype=torch.float64)[:, None]
+        angle = torch.nn.functional.pad(angle * inv_freq, (0, 1))
         pairs = torch.arange((nq + nk + nv) // 2, device=freqs_cis.device)
         pair = torch.where(pairs < (nq + nk) // 2, pairs % half, half).int()
-        return cos, sin, pair
+        return angle.cos().float().reshape(-1), angle.sin().float().reshape(-1), pair
 
     return _per_table(freqs_cis, ("backward", nq, nk, nv), build)
 
@@ -252,6 +254,7 @@ def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, *, s
     reason = unsupported_reason(x, weights=(wq, wk, wv), fp8=fp8)
     if reason is not None:
         report_fallback("rmsnorm_qkv_rope", reason, strict)
+        fp8, history = fallback_recipe(fp8)
         return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8=fp8,
                          history=history)
     qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps,

@@ -35,7 +35,7 @@ from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, Scalar
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
-from ..fallback import report_fallback
+from ..fallback import fallback_recipe, report_fallback
 from ..fp8 import history_index
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
@@ -218,6 +218,7 @@ def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None, *, strict=Fa
     reason = unsupported_reason(h, weights=(w1, w3, w2), fp8=fp8)
     if reason is not None:
         report_fallback("rmsnorm_swiglu_mlp", reason, strict)
+        fp8, history = fallback_recipe(fp8)
         return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq, fp8=fp8, history=history)
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)
