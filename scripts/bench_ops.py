@@ -8,6 +8,13 @@ For each op at LLaMA-3 1B and 8B dims with M = 16384 tokens, in one process:
 and arms of a single op (the last column). Medians of triton.testing.do_bench.
 Writes benchmarks/results/ops_<gpu>.{json,md}.
 
+FP8 (qkv_rope, residual, mlp):
+  coda_fp8   the kernel with ``[coda] fp8 = "coda"``, the delayed recipe (its amax
+             history filled by one tensorwise call first); the FP8 weights are cast
+             in every call here, once per optimizer step in training
+  floor_fp8  the same GEMMs as bare ``torch._scaled_mm`` on operands cast
+             beforehand (e4m3, one scale each), fast accumulation
+
 attention (B 2, S 8192, causal; 1B 32/8 heads d 64, 8B 32/8 heads d 128):
   coda     flash4 on the packed QKV (our op: dQKV written as one buffer)
   eager    TorchTitan's SDPA (cuDNN) on views of the packed QKV, the
@@ -74,6 +81,36 @@ def fwd_bwd_times(fn, inputs, grad_outs):
     return fwd, bwd, peak
 
 
+def to_fp8(x):
+    """``x`` in e4m3 with one scale, and its ``1 / scale``."""
+    inv = x.abs().max().float() / torch.finfo(torch.float8_e4m3fn).max
+    return (x.float() / inv).to(torch.float8_e4m3fn), inv
+
+
+def fp8_floor(*pairs):
+    """The bare FP8 GEMMs ``a @ b.T`` for pairs of bf16 ``a`` (M, K), ``b`` (N, K),
+    cast beforehand: cuBLAS, fast accumulation."""
+    cast = [(*to_fp8(a.contiguous()), *to_fp8(b.contiguous())) for a, b in pairs]
+    return lambda: [torch._scaled_mm(qa, qb.t(), scale_a=ia, scale_b=ib, out_dtype=BF,
+                                     use_fast_accum=True) for qa, ia, qb, ib in cast]
+
+
+def fp8_arm(op, inputs, *args):
+    """``(fn, inputs)`` of the op's delayed FP8 kernel, with a block's amax history
+    filled by one tensorwise forward and backward."""
+    from coda_titan.kernels.fp8 import HISTORY, HISTORY_SITES, roll_history
+
+    history = torch.zeros(HISTORY_SITES, 1 + HISTORY, device=DEV)
+    filling = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = getattr(cutedsl.BOUND_OPS[False, False, "tensorwise"], op)(
+        *filling, *args, history=history)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(torch.randn_like(out))
+    roll_history(history)
+    delayed = getattr(cutedsl.BOUND_OPS[False, False, "delayed"], op)
+    return (lambda *xs: delayed(*xs, *args, history=history)), inputs
+
+
 def mlp_case(s):
     d, f = s["d"], s["f"]
     h, g = randn(M, d), (torch.rand(d, device=DEV) + 0.5).to(BF)
@@ -91,7 +128,12 @@ def mlp_case(s):
         "fwd": lambda: (h @ w13.t(), a @ w2.t()),
         "bwd": lambda: (dout @ w2, dout.t() @ a, gu @ w13, gu.t() @ h),
     }
-    return eager, coda, [h, g, w1, w3, w2], [dout], floors
+    fp8_floors = {
+        "fwd": fp8_floor((h, w13), (a, w2)),
+        "bwd": fp8_floor((dout, w2.t()), (dout.t(), a.t()), (gu, w13.t()), (gu.t(), h.t())),
+    }
+    return (eager, coda, [h, g, w1, w3, w2], [dout], floors,
+            {"coda_fp8": fp8_arm("rmsnorm_swiglu_mlp", [h, g, w1, w3, w2], 1e-5)}, fp8_floors)
 
 
 def residual_case(s):
@@ -104,7 +146,9 @@ def residual_case(s):
 
     dh = randn(M, d)
     floors = {"fwd": lambda: o @ w.t(), "bwd": lambda: (dh @ w, dh.t() @ o)}
-    return eager, cutedsl.OPS.linear_residual_sumsq, [x, o, w], [dh], floors
+    fp8_floors = {"fwd": fp8_floor((o, w)), "bwd": fp8_floor((dh, w.t()), (dh.t(), o.t()))}
+    return (eager, cutedsl.OPS.linear_residual_sumsq, [x, o, w], [dh], floors,
+            {"coda_fp8": fp8_arm("linear_residual_sumsq", [x, o, w])}, fp8_floors)
 
 
 def qkv_rope_case(s):
@@ -133,7 +177,10 @@ def qkv_rope_case(s):
     w = torch.cat((wq, wk, wv))
     dz = randn(M, w.shape[0])
     floors = {"fwd": lambda: x @ w.t(), "bwd": lambda: (dz @ w, dz.t() @ x)}
-    return eager, coda, [x, g, wq, wk, wv], [randn(M, w.shape[0])], floors
+    fp8_floors = {"fwd": fp8_floor((x, w)), "bwd": fp8_floor((dz, w.t()), (dz.t(), x.t()))}
+    return (eager, coda, [x, g, wq, wk, wv], [randn(M, w.shape[0])], floors,
+            {"coda_fp8": fp8_arm("rmsnorm_qkv_rope", [x, g, wq, wk, wv], freqs, positions, 1e-5)},
+            fp8_floors)
 
 
 def attention_case(s):
@@ -281,6 +328,7 @@ def main():
         for op in args.ops:
             eager, coda, inputs, grad_outs, floors, *rest = CASES[op](SIZES[size])
             extra = rest[0] if rest else {}
+            fp8_floors = rest[1] if len(rest) > 1 else None
             arms = {"coda": (coda, inputs), "eager": (eager, inputs),
                     "compile": (torch.compile(eager), inputs), **extra}
             times = {}
@@ -289,6 +337,9 @@ def main():
                 times[arm] = fwd_bwd_times(fn, fresh, grad_outs)
             floor = {p: median_ms(floors[p]) for p in ("fwd", "bwd")}
             floor["fwd+bwd"] = floor["fwd"] + floor["bwd"]
+            floor_fp8 = fp8_floors and {p: median_ms(fp8_floors[p]) for p in ("fwd", "bwd")}
+            if floor_fp8:
+                floor_fp8["fwd+bwd"] = floor_fp8["fwd"] + floor_fp8["bwd"]
             for arm in times:
                 fwd, bwd, peak = times[arm]
                 times[arm] = (fwd, bwd, fwd + bwd, peak)
@@ -301,6 +352,9 @@ def main():
                            compile_peak_mib=times["compile"][3])
                 rec["other_arms_ms"] = {arm: times[arm][i] for arm in extra}
                 rec["other_arms_peak_mib"] = {arm: times[arm][3] for arm in extra}
+                if floor_fp8:
+                    rec["floor_fp8_ms"] = floor_fp8[pas]
+                    rec["coda_fp8_vs_floor_fp8"] = rec["other_arms_ms"]["coda_fp8"] / floor_fp8[pas]
                 rec["coda_vs_floor"] = rec["coda_ms"] / rec["floor_ms"]
                 rec["compile_over_coda"] = rec["compile_ms"] / rec["coda_ms"]
                 rec["eager_over_coda"] = rec["eager_ms"] / rec["coda_ms"]
@@ -311,16 +365,21 @@ def main():
                       f"{rec['compile_over_coda']:.3f} eager/coda {rec['eager_over_coda']:.3f} | "
                       f"peak MiB coda {rec['coda_peak_mib']:.0f} eager {rec['eager_peak_mib']:.0f} "
                       f"compile {rec['compile_peak_mib']:.0f}"
-                      + "".join(f" | {arm} {ms:.3f}" for arm, ms in rec["other_arms_ms"].items()),
+                      + "".join(f" | {arm} {ms:.3f}" for arm, ms in rec["other_arms_ms"].items())
+                      + (f" | floor_fp8 {rec['floor_fp8_ms']:.3f} coda_fp8/floor_fp8 "
+                         f"{rec['coda_fp8_vs_floor_fp8']:.3f}" if floor_fp8 else ""),
                       flush=True)
     table = ["| op | size | pass | coda ms | eager ms | compile ms | floor ms | coda/floor | "
-             "compile/coda | eager/coda | peak MiB coda / eager / compile | other arms ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "compile/coda | eager/coda | peak MiB coda / eager / compile | other arms ms | "
+             "FP8 floor ms | coda_fp8/FP8 floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['op']} | {r['size']} | {r['pass']} | {r['coda_ms']:.3f} | {r['eager_ms']:.3f} | "
               f"{r['compile_ms']:.3f} | {r['floor_ms']:.3f} | {r['coda_vs_floor']:.3f} | "
               f"{r['compile_over_coda']:.3f} | {r['eager_over_coda']:.3f} | "
               f"{r['coda_peak_mib']:.0f} / {r['eager_peak_mib']:.0f} / {r['compile_peak_mib']:.0f} | "
-              + ", ".join(f"{arm} {ms:.3f}" for arm, ms in r["other_arms_ms"].items()) + " |"
+              + ", ".join(f"{arm} {ms:.3f}" for arm, ms in r["other_arms_ms"].items()) + " | "
+              + (f"{r['floor_fp8_ms']:.3f} | {r['coda_fp8_vs_floor_fp8']:.3f} |"
+                 if "floor_fp8_ms" in r else "| |")
               for r in records]
     write_results(args.out, "ops", "CODA op benchmark", records, table)
 
