@@ -17,7 +17,9 @@ TorchTitan's own trainer, after what it does not do:
 * Any other failure prints its traceback, then ``error: <type>: <message>`` as
   the last line; under torchrun every rank also appends that line to
   ``$CODA_ERROR_FILE``, for ``scripts/train.sh`` to repeat after torchrun's
-  report.
+  report. A checkpoint that fails to load (DCP's ``CheckpointException``, a
+  ``BaseException`` carrying each rank's traceback) ends in its root error; a
+  missing FP8 amax history says which recipe wrote the checkpoint.
 
 ``--help`` without a config lists the ``[coda]`` options; with one, every option.
 """
@@ -33,6 +35,7 @@ import traceback
 from collections.abc import Sequence
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 from torchtitan.train import main as torchtitan_main
@@ -193,6 +196,19 @@ def first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def error_line(error: BaseException) -> str:
+    """``<type>: <message>`` of a failure after start-up; for a checkpoint that did
+    not load, the root error (the last line of the first rank's traceback)."""
+    if isinstance(error, CheckpointException):
+        line = str(error).strip().splitlines()[-1]
+    else:
+        line = f"{type(error).__name__}: {first_line(error)}"
+    if "Missing key" in line and "fp8_amax_history" in line:
+        line = line.rstrip(".") + ('; the checkpoint holds no FP8 amax history: it was written by a run without '
+                 '[coda] fp8_recipe = "delayed" (resume it with that run\'s recipe)')
+    return line
+
+
 def fail(message: str, code: int) -> None:
     """The last line of a failed launch; also for scripts/train.sh under torchrun."""
     line = f"error: {message}"
@@ -227,9 +243,9 @@ def main() -> None:
         cpu_support.enable()
     try:
         torchtitan_main(CodaTrainer)
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         traceback.print_exc()
-        fail(f"{type(e).__name__}: {first_line(e)}", 1)
+        fail(error_line(e), 1)
 
 
 if __name__ == "__main__":

@@ -95,10 +95,14 @@ def run_side_by_side(jobs: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume")
+
+
+@pytest.fixture(scope="module")
+def runs(root):
     """``runs["coda"]``: uninterrupted; ``runs["coda", "baseline"]``: coda resuming
     the baseline run's step-3 checkpoint."""
-    root = tmp_path_factory.mktemp("resume")
     runs = run_side_by_side({arm: (arm, root / arm, None) for arm in (*ARMS, *FP8_ARMS)})
     resumes = [(arm, source) for arm in ARMS for source in ARMS] + [(a, a) for a in FP8_ARMS]
     runs |= run_side_by_side({
@@ -128,3 +132,16 @@ def test_checkpoint_resumes_across_arms(runs, arm, source):
     assert sorted(resumed) == list(range(INTERVAL + 1, STEPS + 1))
     diffs = {step: abs(loss - writer[step]) for step, loss in resumed.items()}
     assert max(diffs.values()) < CROSS_TOLERANCE, diffs
+
+
+def test_a_delayed_run_refuses_a_checkpoint_without_its_history_in_one_line(runs, root):
+    """DCP needs every key of the model: a bf16 run's checkpoint holds no amax
+    history, and the launch ends in one line that says so (DCP's error is a
+    BaseException, which the launcher also reports)."""
+    process = launch("coda_fp8_delayed", root / "delayed-from-coda", root / "coda")
+    log, _ = process.communicate(timeout=900)
+    assert process.returncode == 1
+    assert log.strip().splitlines()[-1] == (
+        "error: RuntimeError: Missing key in checkpoint state_dict: layers.0.fp8_amax_history; "
+        "the checkpoint holds no FP8 amax history: it was written by a run without "
+        '[coda] fp8_recipe = "delayed" (resume it with that run\'s recipe)')
