@@ -43,6 +43,8 @@ Writes to --out (default: outputs/compare under the repository, git-ignored):
                    max_window_mean_diff; `verdicts`; `speed` (one per run);
                    with --step-bench (scripts/bench_step.py output) `liger`,
                    the Liger peer arm's tokens/s and peak memory
+  losses.json      every run's logged losses, warm-up included: one record per
+                   run (reference, repeat, candidates) with arm, steps, loss
 """
 
 import argparse
@@ -478,6 +480,12 @@ def compare(args, runs: list[Run], entries: list[dict]) -> tuple[dict, Arm | Non
     return result, noise, candidates
 
 
+def loss_records(runs: list[Run]) -> list[dict]:
+    """Each run's per-step losses, for the record beside the summary."""
+    return [dict(arm=run.name, steps=sorted(run.losses),
+                 loss=[loss for _, loss in sorted(run.losses.items())]) for run in runs]
+
+
 def json_safe(value):
     """``value`` with NaN and infinities as null (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -500,10 +508,11 @@ def main(argv=None) -> dict:
     (out / "comparison.json").write_text(json.dumps(json_safe(result), indent=1))
     (out / "comparison.md").write_text(
         "\n".join(["## Runs", "", *run_lines(entries), "", *lines]) + "\n")
+    (out / "losses.json").write_text(json.dumps(json_safe(loss_records(runs))))
     fig = figure(runs[0], noise, candidates, args.max_window_diff)
     fig.savefig(out / "comparison.png", dpi=120)
     print("\n" + "\n".join(lines))
-    print(f"\nwrote comparison.md, comparison.json, comparison.png to {out}")
+    print(f"\nwrote comparison.md, comparison.json, comparison.png, losses.json to {out}")
     return result
 
 

@@ -101,6 +101,16 @@ def test_parity_records_have_exactly_the_committed_keys(ab):
     assert all(r["steps"] == STEPS - 20 for r in result["records"])
 
 
+def test_losses_json_holds_every_runs_logged_losses_warmup_included(ab):
+    records = json.loads((ab["out"] / "losses.json").read_text())
+    assert [r["arm"] for r in records] == ["baseline", "baseline #2", "noise_only", "biased",
+                                           "noisier"]
+    planted = synthetic_losses(seed=3, bias_from=500)
+    biased = records[3]
+    assert biased["steps"] == list(range(1, STEPS + 1))
+    assert biased["loss"] == pytest.approx([planted[s] for s in biased["steps"]], abs=1e-5)
+
+
 def test_the_repeat_measures_the_planted_noise_floor(ab):
     noise = ab["result"]["noise"]
     assert noise["mean_abs_diff"] == pytest.approx(0.025, abs=0.003)
