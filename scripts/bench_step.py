@@ -32,8 +32,12 @@ Activation checkpointing (--ac) is TorchTitan's own ``apply_ac``: ``full``,
 
 Each step is forward + backward + gradient clipping + fused AdamW, bf16
 parameters, random tokens. Reports the median step time, tokens/s, peak memory
-and a profiler breakdown of one step by kernel class (GEMM, attention, other).
-Writes benchmarks/results/step_<gpu>.{json,md}.
+and a profiler breakdown of one step by kernel class (GEMM, attention, other);
+the step time the kernels leave idle (``gpu_idle_ms``: the median step less the
+kernels' sum) is what the host's launches cost a host-bound step, and
+--host-profile N lists the N Python functions the host spends most time in
+over one step (cProfile, own time), to find it. Writes
+benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
   python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full
@@ -43,8 +47,10 @@ Writes benchmarks/results/step_<gpu>.{json,md}.
 
 import argparse
 import contextlib
+import cProfile
 import functools
 import gc
+import pstats
 import statistics
 from dataclasses import replace
 from types import SimpleNamespace
@@ -203,15 +209,27 @@ def tiles_replaced(arm: str):
 
 
 def run_arm(arm, flavor, seq, batch, steps, warmup, ac="none", top_kernels=0,
-            coda_attention="auto"):
+            coda_attention="auto", host_top=0):
     kind = arm.partition("@")[0]
     build = (functools.partial(ARMS[kind], attention=coda_attention) if kind.startswith("coda")
              else ARMS[kind])
     with tiles_replaced(arm):
-        return measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels)
+        return measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top)
 
 
-def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels):
+def host_profile(fn, top: int) -> list[dict]:
+    """The ``top`` Python functions by own time over one call of ``fn``: where a
+    host-bound step's launches spend it (the GPU work is asynchronous, so it
+    is not in these times; cProfile's own cost inflates them, alike for every arm)."""
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
+    return [dict(function=name if file == "~" else f"{file.rsplit('/', 1)[-1]}:{line}({name})",
+                 calls=calls, own_ms=own * 1e3, cumulative_ms=cumulative * 1e3)
+            for (file, line, name), (_, calls, own, cumulative, _) in rows]
+
+
+def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top=0):
     model, loss_fn = build(flavor, seq, ac)
     params = [p for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -259,12 +277,21 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels):
             print(f"   {event.device_time_total / 1e3:8.2f} ms x{event.count:4d} "
                   f"[{classify(event.key)}] {event.key[:100]}")
     step_ms = statistics.median(times)
+    host = []
+    if host_top:
+        torch.cuda.synchronize()
+        host = host_profile(step, host_top)
+        torch.cuda.synchronize()
+        for row in host:
+            print(f"   {row['own_ms']:8.2f} ms own {row['cumulative_ms']:8.2f} ms cumulative "
+                  f"x{row['calls']:5d} {row['function'][:90]}")
     attention = sorted({b.attention_kernel for b in model.modules()
                         if isinstance(b, CodaTransformerBlock)}) or ["titan"]
     record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, ac=ac,
                   attention="/".join(attention), step_ms=step_ms,
                   tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
-                  profile_ms=breakdown)
+                  profile_ms=breakdown, gpu_idle_ms=step_ms - sum(breakdown.values()),
+                  **({"host_profile": host} if host_top else {}))
     del model, optimizer, params
     gc.collect()
     torch.cuda.empty_cache()
@@ -281,6 +308,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--top-kernels", type=int, default=0, help="print the N costliest kernels")
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="print (and record) the N Python functions with the most own "
+                             "host time over one step")
     parser.add_argument("--ac", default="none",
                         choices=("none", "full", "selective", "selective-op"),
                         help="TorchTitan activation checkpointing (8B takes full on 80 GB)")
@@ -290,26 +320,27 @@ def main():
     records = []
     for arm in args.arms:
         rec = run_arm(arm, args.flavor, args.seq, args.batch, args.steps, args.warmup,
-                      args.ac, args.top_kernels, args.coda_attention)
+                      args.ac, args.top_kernels, args.coda_attention, args.host_profile)
         records.append(rec)
         prof = rec["profile_ms"]
         print(f"{arm:9s} {args.flavor} seq {args.seq} x {args.batch} (attention "
               f"{rec['attention']}): {rec['step_ms']:.1f} ms/step, "
               f"{rec['tok_s'] / 1e3:.1f}k tok/s, peak {rec['peak_gib']:.1f} GiB, first loss "
               f"{rec['first_loss']:.4f} | profile gemm {prof['gemm']:.1f} attention "
-              f"{prof['attention']:.1f} other {prof['other']:.1f} ms", flush=True)
+              f"{prof['attention']:.1f} other {prof['other']:.1f} ms, GPU idle "
+              f"{rec['gpu_idle_ms']:.1f} ms", flush=True)
     for ref in ("baseline", "float8"):
         base = next((r for r in records if r["arm"] == ref), None)
         for r in records if base else ():
             r[f"speedup_vs_{ref}"] = base["step_ms"] / r["step_ms"]
     table = ["| arm | attention | step ms | tok/s | vs baseline | vs float8 | peak GiB | GEMM ms | "
-             "attention ms | other ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "attention ms | other ms | GPU idle ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['arm']} | {r['attention']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
               f"{r.get('speedup_vs_baseline', float('nan')):.3f} | "
               f"{r.get('speedup_vs_float8', float('nan')):.3f} | {r['peak_gib']:.1f} | "
               f"{r['profile_ms']['gemm']:.1f} | {r['profile_ms']['attention']:.1f} | "
-              f"{r['profile_ms']['other']:.1f} |" for r in records]
+              f"{r['profile_ms']['other']:.1f} | {r['gpu_idle_ms']:.1f} |" for r in records]
     write_results(args.out, f"step_{args.flavor.lower()}",
                   f"Training-step benchmark, LLaMA-3 {args.flavor}, seq {args.seq} x {args.batch}"
                   f"{'' if args.ac == 'none' else f', {args.ac} AC'}", records, table)
