@@ -204,8 +204,8 @@ def error_line(error: BaseException) -> str:
     else:
         line = f"{type(error).__name__}: {first_line(error)}"
     if "Missing key" in line and "fp8_amax_history" in line:
-        line = line.rstrip(".") + ('; the checkpoint holds no FP8 amax history: it was written by a run without '
-                 '[coda] fp8_recipe = "delayed" (resume it with that run\'s recipe)')
+        line = (line.rstrip(".") + "; the checkpoint holds no FP8 amax history: it was written "
+                'by a run without [coda] fp8_recipe = "delayed" (resume it with that run\'s recipe)')
     return line
 
 

@@ -9,6 +9,7 @@ reference is also the CPU fallback. The attention core is chosen on its own
 from functools import partial
 from types import SimpleNamespace
 
+from ..backend import FP8_KERNEL_RECIPES
 from .fp8 import RECIPES
 from .linear_residual_sumsq import linear_residual_sumsq
 from .packed_attention import packed_attention
@@ -55,15 +56,15 @@ def ops_for(backend: str, strict: bool = False, keep_weights: bool = False,
     kernels fold the norm weights once per parameter update and keep them from
     the forward to the backward (``prepared_weights``), not once per call.
     ``fp8``: an FP8 recipe for the block ops' GEMMs (``fp8.RECIPES``; the kernels
-    implement ``cutedsl.FP8_RECIPES``)."""
+    implement ``backend.FP8_KERNEL_RECIPES``)."""
     if backend == "reference":
         return REFERENCE if fp8 is None else FP8_REFERENCE[fp8]
     if backend == "cutedsl":
         from . import cutedsl
 
-        if fp8 is not None and fp8 not in cutedsl.FP8_RECIPES:
+        if fp8 is not None and fp8 not in FP8_KERNEL_RECIPES:
             raise ValueError(f"FP8 recipe {fp8!r} has no SM90 kernels (they implement "
-                             f"{', '.join(cutedsl.FP8_RECIPES)}); it runs on the reference backend")
+                             f"{', '.join(FP8_KERNEL_RECIPES)}); it runs on the reference backend")
         return cutedsl.BOUND_OPS[strict, keep_weights, fp8]
     raise ValueError(f"unknown CODA backend {backend!r}; expected 'reference' or 'cutedsl'")
 

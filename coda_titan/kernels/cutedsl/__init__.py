@@ -12,7 +12,7 @@ from .rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy
 from .rmsnorm_qkv_rope import rmsnorm_qkv_rope
 from .rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp
 
-from ...backend import FP8_KERNEL_RECIPES as FP8_RECIPES
+from ...backend import FP8_KERNEL_RECIPES
 
 
 def _bound(strict: bool, keep_weights: bool, fp8: str | None) -> SimpleNamespace:
@@ -31,5 +31,5 @@ def _bound(strict: bool, keep_weights: bool, fp8: str | None) -> SimpleNamespace
 # stay from the forward to the dgrad (``..prepared_weights``; the converter's
 # choice, ``converter.keeps_folded_weights``). fp8: None or a recipe.
 BOUND_OPS = {flags: _bound(*flags)
-             for flags in product((False, True), (False, True), (None, *FP8_RECIPES))}
+             for flags in product((False, True), (False, True), (None, *FP8_KERNEL_RECIPES))}
 OPS = BOUND_OPS[False, False, None]
