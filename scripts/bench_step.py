@@ -35,7 +35,8 @@ parameters, random tokens. Reports the median step time, tokens/s, peak memory
 and a profiler breakdown of one step by kernel class (GEMM, attention, other);
 the step time the kernels leave idle (``gpu_idle_ms``: the median step less the
 kernels' sum) is what the host's launches cost a host-bound step, and
---host-profile N lists the N Python functions the host spends most time in
+--host-profile N lists the N kernels the GPU waits longest before (idle gaps
+in the profiled step) and the N Python functions the host spends most time in
 over one step (cProfile, own time), to find it. Writes
 benchmarks/results/step_<gpu>.{json,md}.
 
@@ -229,6 +230,22 @@ def host_profile(fn, top: int) -> list[dict]:
             for (file, line, name), (_, calls, own, cumulative, _) in rows]
 
 
+def idle_gaps(prof, top: int) -> list[dict]:
+    """Where the GPU waits: the gaps between consecutive kernels of the profiled
+    step, summed by the kernel that ends each gap (the one the host was late to
+    launch), the ``top`` largest sums."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    waits, busy_until = {}, None
+    for start, end, name in kernels:
+        if busy_until is not None and start > busy_until:
+            total, count = waits.get(name, (0.0, 0))
+            waits[name] = (total + (start - busy_until) / 1e3, count + 1)
+        busy_until = end if busy_until is None else max(busy_until, end)
+    rows = sorted(waits.items(), key=lambda item: -item[1][0])[:top]
+    return [dict(kernel=name, idle_ms=total, gaps=count) for name, (total, count) in rows]
+
+
 def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top=0):
     model, loss_fn = build(flavor, seq, ac)
     params = [p for p in model.parameters()]
@@ -277,8 +294,12 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host
             print(f"   {event.device_time_total / 1e3:8.2f} ms x{event.count:4d} "
                   f"[{classify(event.key)}] {event.key[:100]}")
     step_ms = statistics.median(times)
-    host = []
+    host, gaps = [], []
     if host_top:
+        gaps = idle_gaps(prof, host_top)
+        for row in gaps:
+            print(f"   {row['idle_ms']:8.2f} ms idle in {row['gaps']:4d} gaps before "
+                  f"{row['kernel'][:90]}")
         torch.cuda.synchronize()
         host = host_profile(step, host_top)
         torch.cuda.synchronize()
@@ -291,7 +312,7 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host
                   attention="/".join(attention), step_ms=step_ms,
                   tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
                   profile_ms=breakdown, gpu_idle_ms=step_ms - sum(breakdown.values()),
-                  **({"host_profile": host} if host_top else {}))
+                  **({"host_profile": host, "idle_before": gaps} if host_top else {}))
     del model, optimizer, params
     gc.collect()
     torch.cuda.empty_cache()

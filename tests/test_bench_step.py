@@ -34,3 +34,24 @@ def test_host_profile_ranks_the_functions_by_own_host_time():
     slow = next(r for r in rows if "_slow_launch" in r["function"])
     assert slow["function"].startswith("test_bench_step.py:")
     assert slow["cumulative_ms"] >= 55 and slow["own_ms"] < 5
+
+
+def test_idle_gaps_sum_the_waits_by_the_kernel_that_ends_them():
+    from types import SimpleNamespace
+
+    import torch
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, device=cuda):
+        return SimpleNamespace(name=name, device_type=device,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    # gemm 0-100, cast 100-110 (no gap), gemm 150-300 (40 us gap), overlapping
+    # cast 200-250 (none), gemm 1300-1400 (1000 us gap: after the later end, 300).
+    events = [event("gemm", 150, 300), event("cast", 100, 110), event("gemm", 0, 100),
+              event("cast", 200, 250), event("gemm", 1300, 1400),
+              event("launch on the host", 400, 1200, cpu)]
+    rows = bench_step.idle_gaps(SimpleNamespace(events=lambda: events), top=5)
+    assert len(rows) == 1 and rows[0]["kernel"] == "gemm" and rows[0]["gaps"] == 2
+    assert abs(rows[0]["idle_ms"] - 1.04) < 1e-9
