@@ -73,7 +73,8 @@ def test_fp8_quantize_matches_the_reference(m, n, kind, rows, cols):
     """The Triton cast, in each orientation it is asked for: equal to ``fp8.quantize``
     (tensorwise) but for a rare one-step rounding difference where the scale's
     division rounds differently; the transposed copy's padding columns zero, in
-    poisoned memory."""
+    poisoned memory; ``dq``, the GEMM's dequantization, the other operand's
+    ``1 / scale`` over this one's scale."""
     from coda_titan.kernels import fp8
     from coda_titan.kernels.cutedsl import fp8_operands
 
@@ -81,8 +82,12 @@ def test_fp8_quantize_matches_the_reference(m, n, kind, rows, cols):
     x = torch.randn(m, n, device=DEV, dtype=BF) * 3
     x[:, 5] *= 1e4
     want, scale = fp8.quantize(x, kind, "tensorwise")
+    other = torch.rand(1, device=DEV) + 1e-3
     poison_allocator()
-    got = fp8_operands.quantize(x, kind, rows=rows, cols=cols)
+    got = fp8_operands.quantize(x, kind, rows=rows, cols=cols, times=other if rows else None)
+    assert (got.dq is None) != rows
+    if rows:
+        torch.testing.assert_close(got.dq, other / scale.reshape(1))
     assert (got.rows is None) != rows and (got.cols is None) != cols
     for q in ([got.rows] if rows else []) + ([got.cols[:, :m].t()] if cols else []):
         steps = (q.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()

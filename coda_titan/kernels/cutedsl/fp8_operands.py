@@ -28,7 +28,8 @@ All of this runs inside custom ops (the backward formulas of the ops call an
 FP8 backward custom op), where the casts and the prepared-weight lookups are
 opaque to the graph. Each GEMM's dequantization factor ``1 / (s_a s_b)`` is a
 1-element fp32 tensor (no host sync), which the epilogues multiply into the
-accumulator.
+accumulator; the cast of ``a`` writes it (``quantize(..., times=b.inv_scale)``),
+as a separate multiply was one more launch per GEMM, where the host is the limit.
 """
 
 from typing import NamedTuple
@@ -58,21 +59,25 @@ class Fp8Operand(NamedTuple):
     """An operand cast to FP8: ``rows`` as given, ``cols`` its transpose (an
     activation's or gradient's with its rows zero-padded to a multiple of 16; a
     weight's dimensions are multiples of 16 already), each contiguous or None
-    where not asked for, and ``1 / scale`` (fp32, 1 element)."""
+    where not asked for, ``1 / scale`` (fp32, 1 element) and, where the cast was
+    given the other operand's ``1 / scale``, the GEMM's ``dq = 1 / (s_a s_b)``."""
 
     rows: torch.Tensor | None
     cols: torch.Tensor | None
     inv_scale: torch.Tensor
+    dq: torch.Tensor | None = None
 
 
 @triton.jit
-def _cast_kernel(x_ptr, amax_ptr, history_ptr, q_ptr, qt_ptr, inv_scale_ptr, m, n, qt_cols, fmax,
-                 floor, ROWS: tl.constexpr, COLS: tl.constexpr, DELAYED: tl.constexpr,
-                 RECORD: tl.constexpr, HISTORY: tl.constexpr, BLOCK: tl.constexpr):
+def _cast_kernel(x_ptr, amax_ptr, history_ptr, q_ptr, qt_ptr, inv_scale_ptr, times_ptr, dq_ptr, m,
+                 n, qt_cols, fmax, floor, ROWS: tl.constexpr, COLS: tl.constexpr,
+                 DELAYED: tl.constexpr, RECORD: tl.constexpr, TIMES: tl.constexpr,
+                 HISTORY: tl.constexpr, BLOCK: tl.constexpr):
     """One BLOCK x BLOCK tile of ``x`` scaled by ``fmax / amax``, saturated and rounded
     to FP8: stored as is (ROWS) and transposed (COLS; its padding columns get zeros).
     ``amax``: the largest past amax of the history (DELAYED) or the given one; RECORD:
-    the tile's amax goes into the history's current entry (an atomic max)."""
+    the tile's amax goes into the history's current entry (an atomic max); TIMES:
+    ``dq = times / scale`` is stored too."""
     if DELAYED:
         amax = tl.max(tl.load(history_ptr + 1 + tl.arange(0, HISTORY)))
     else:
@@ -94,15 +99,18 @@ def _cast_kernel(x_ptr, amax_ptr, history_ptr, q_ptr, qt_ptr, inv_scale_ptr, m, 
         tl.atomic_max(history_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(inv_scale_ptr, 1.0 / scale)
+        if TIMES:
+            tl.store(dq_ptr, tl.load(times_ptr) / scale)
 
 
 def quantize(x: torch.Tensor, kind: str, recipe: str = "tensorwise",
              history: torch.Tensor | None = None, rows: bool = True,
-             cols: bool = False) -> Fp8Operand:
+             cols: bool = False, times: torch.Tensor | None = None) -> Fp8Operand:
     """``x`` (M, K) in the FP8 format of ``kind`` (act, weight, grad; ``..fp8.FORMATS``),
     scaled as ``recipe`` says: ``tensorwise`` from an amax pass over ``x`` (recorded
     in ``history``, a row of an amax history, when given), ``delayed`` from
-    ``history``'s past amaxes, recording the current one as it casts (no amax pass)."""
+    ``history``'s past amaxes, recording the current one as it casts (no amax pass).
+    ``times``: the other GEMM operand's ``1 / scale``, for ``dq``."""
     x, dtype = x.contiguous(), FORMATS[kind]
     (m, n), device = x.shape, x.device
     if (m + 16) * n >= 2**31:
@@ -122,14 +130,16 @@ def quantize(x: torch.Tensor, kind: str, recipe: str = "tensorwise",
     q = torch.empty(m, n, dtype=dtype, device=device) if rows else None
     qt = torch.empty(n, padded, dtype=dtype, device=device) if cols else None
     inv_scale = torch.empty(1, dtype=torch.float32, device=device)
+    dq = None if times is None else torch.empty(1, dtype=torch.float32, device=device)
     grid = (triton.cdiv(padded if cols else m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK))
     unused = inv_scale  # a pointer for the arguments a variant does not read
     _cast_kernel[grid](x, unused if delayed else amax, unused if history is None else history,
                        unused if q is None else q, unused if qt is None else qt, inv_scale,
+                       unused if times is None else times, unused if dq is None else dq,
                        m, n, padded, torch.finfo(dtype).max, AMAX_FLOOR, ROWS=rows, COLS=cols,
-                       DELAYED=delayed, RECORD=history is not None, HISTORY=HISTORY,
-                       BLOCK=CAST_BLOCK, num_warps=8)
-    return Fp8Operand(q, qt, inv_scale)
+                       DELAYED=delayed, RECORD=history is not None, TIMES=times is not None,
+                       HISTORY=HISTORY, BLOCK=CAST_BLOCK, num_warps=8)
+    return Fp8Operand(q, qt, inv_scale, dq)
 
 
 def row(history: torch.Tensor | None, index: int) -> torch.Tensor | None:

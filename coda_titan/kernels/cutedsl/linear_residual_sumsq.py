@@ -63,9 +63,9 @@ def linear_residual_sumsq_fwd(
     MLP op, is covered by the MLP's backward."""
     if fp8 is None:
         return residual_sumsq_gemm(x, o, weight)
-    a = fp8_operands.quantize(o, "act", fp8, fp8_operands.row(history, row))
     w = fp8_operands.weight([weight], None, False, keep)
-    return residual_sumsq_gemm(x, a.rows, w.rows, a.inv_scale * w.inv_scale)
+    a = fp8_operands.quantize(o, "act", fp8, fp8_operands.row(history, row), times=w.inv_scale)
+    return residual_sumsq_gemm(x, a.rows, w.rows, a.dq)
 
 
 @linear_residual_sumsq_fwd.register_fake

@@ -34,34 +34,36 @@ def rmsnorm_grad_epi(acc, x, corr, dq):
     return {"D": acc * dq + x * corr}
 
 
-@torch.library.custom_op("coda::rmsnorm_linear_grad", mutates_args=(), device_types="cuda")
-def rmsnorm_linear_grad(
-    dzr: torch.Tensor, dzr_inv_scale: torch.Tensor | None, weights: list[torch.Tensor],
-    norm_weight: torch.Tensor, interleave: bool, x: torch.Tensor, zdz_r2: torch.Tensor,
-    residual_grad: torch.Tensor | None,
-) -> torch.Tensor:
-    """dx for ``W' = stack_rows(weights, interleave) * norm_weight``. ``dzr`` bf16, or
-    FP8 (e5m2) with its ``1 / scale``: then the GEMM runs on the FP8 ``W'``."""
-    if dzr_inv_scale is None:
-        folded, dq = folded_weight(weights, norm_weight, interleave, last=True).mT, 1.0
-    else:
-        w = fp8_operands.weight(weights, norm_weight, interleave, last=True)
-        folded, dq = w.cols, dzr_inv_scale * w.inv_scale
+def rmsnorm_grad_gemm(dzr: torch.Tensor, folded_t: torch.Tensor, dq: torch.Tensor | float,
+                      x: torch.Tensor, zdz_r2: torch.Tensor,
+                      residual_grad: torch.Tensor | None) -> torch.Tensor:
+    """dx from ``dzr @ W'`` (``folded_t``: W'.T); bf16 operands, or FP8 with
+    ``dq = 1 / (s_dzr s_w)``."""
     fast = fp8_operands.accumulation(dzr)
-    dzr, folded, x, residual_grad = aligned(dzr, folded, x, residual_grad)
+    dzr, folded_t, x, residual_grad = aligned(dzr, folded_t, x, residual_grad)
     dx = torch.empty_like(x)
     epi_args = dict(x=x, corr=zdz_r2 * (-1.0 / x.shape[-1]), dq=dq)
     if residual_grad is None:
-        rmsnorm_grad_epi.gemm(dzr, folded, dx, None, epi_args=epi_args, post_init_attrs=fast,
+        rmsnorm_grad_epi.gemm(dzr, folded_t, dx, None, epi_args=epi_args, post_init_attrs=fast,
                               **CFG)
     else:
-        rmsnorm_grad_residual_epi.gemm(dzr, folded, dx, residual_grad, epi_args=epi_args,
+        rmsnorm_grad_residual_epi.gemm(dzr, folded_t, dx, residual_grad, epi_args=epi_args,
                                        post_init_attrs=fast, **CFG)
     return dx
 
 
+@torch.library.custom_op("coda::rmsnorm_linear_grad", mutates_args=(), device_types="cuda")
+def rmsnorm_linear_grad(
+    dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
+    x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None,
+) -> torch.Tensor:
+    """dx for ``W' = stack_rows(weights, interleave) * norm_weight``, in bf16."""
+    folded = folded_weight(weights, norm_weight, interleave, last=True)
+    return rmsnorm_grad_gemm(dzr, folded.mT, 1.0, x, zdz_r2, residual_grad)
+
+
 @rmsnorm_linear_grad.register_fake
-def _(dzr, dzr_inv_scale, weights, norm_weight, interleave, x, zdz_r2, residual_grad):
+def _(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad):
     return torch.empty_like(x)
 
 
@@ -75,9 +77,10 @@ def rmsnorm_linear_grads_fp8(
     with the RMSNorm backward in its epilogue, the wgrad ``dzr.T @ x`` in cuBLAS.
     ``history``: the block's amax history (rows ``dzr_row``, ``x_row``; writes
     not declared, as in ``.linear_residual_sumsq``)."""
-    dz = fp8_operands.quantize(dzr, "grad", fp8, fp8_operands.row(history, dzr_row), cols=True)
-    dx = rmsnorm_linear_grad(dz.rows, dz.inv_scale, weights, norm_weight, interleave, x, zdz_r2,
-                             residual_grad)
+    w = fp8_operands.weight(weights, norm_weight, interleave, last=True)
+    dz = fp8_operands.quantize(dzr, "grad", fp8, fp8_operands.row(history, dzr_row), cols=True,
+                               times=w.inv_scale)
+    dx = rmsnorm_grad_gemm(dz.rows, w.cols, dz.dq, x, zdz_r2, residual_grad)
     return dx, fp8_operands.wgrad(dz, x, fp8, fp8_operands.row(history, x_row))
 
 

@@ -206,10 +206,9 @@ def rmsnorm_qkv_rope_op(
     if fp8 is None:
         folded = folded_weight(weights, norm_weight, False, keep)
         return rmsnorm_qkv_rope_gemm(x, rstd, folded, positions, freq), rstd
-    a = fp8_operands.quantize(x, "act", fp8, fp8_operands.row(history, X_ROW))
     w = fp8_operands.weight(weights, norm_weight, False, keep)
-    dq_rstd = rstd * (a.inv_scale * w.inv_scale)
-    return rmsnorm_qkv_rope_gemm(a.rows, dq_rstd, w.rows, positions, freq), rstd
+    a = fp8_operands.quantize(x, "act", fp8, fp8_operands.row(history, X_ROW), times=w.inv_scale)
+    return rmsnorm_qkv_rope_gemm(a.rows, rstd * a.dq, w.rows, positions, freq), rstd
 
 
 @rmsnorm_qkv_rope_op.register_fake
@@ -232,7 +231,7 @@ def _backward(ctx, dqkv, _drstd):
     dzr, zdz = rope_backward_zdz(dqkv, qkv, freqs_cis, positions, rstd, nq, nk)
     weights, zdz_r2 = [wq, wk, wv], rstd.square() * zdz
     if ctx.fp8 is None:
-        dx = rmsnorm_linear_grad(dzr, None, weights, norm_weight, False, x, zdz_r2, None)
+        dx = rmsnorm_linear_grad(dzr, weights, norm_weight, False, x, zdz_r2, None)
         folded_grad = dzr.t() @ x
     else:
         dx, folded_grad = rmsnorm_linear_grads_fp8(dzr, weights, norm_weight, False, x, zdz_r2,

@@ -128,9 +128,10 @@ def rmsnorm_swiglu(
     if fp8 is None:
         gu, act = rmsnorm_swiglu_gemm(h, rstd, folded_weight([w1, w3], norm_weight, True, keep))
     else:
-        a = fp8_operands.quantize(h, "act", fp8, fp8_operands.row(history, H_ROW))
         w = fp8_operands.weight([w1, w3], norm_weight, True, keep)
-        gu, act = rmsnorm_swiglu_gemm(a.rows, rstd, w.rows, a.inv_scale * w.inv_scale)
+        a = fp8_operands.quantize(h, "act", fp8, fp8_operands.row(history, H_ROW),
+                                  times=w.inv_scale)
+        gu, act = rmsnorm_swiglu_gemm(a.rows, rstd, w.rows, a.dq)
     return gu, act, rstd
 
 
@@ -165,7 +166,7 @@ def _setup_context(ctx, inputs, output):
 def _backward_bf16(dout, h2d, gu, rstd, norm_weight, w1, w3, w2):
     dgu, act, drstd = dswiglu_drstd(dout, w2, gu, rstd)
     dw2 = dout.t() @ act
-    dh = rmsnorm_linear_grad(dgu, None, [w1, w3], norm_weight, True, h2d, rstd.pow(3) * drstd, dout)
+    dh = rmsnorm_linear_grad(dgu, [w1, w3], norm_weight, True, h2d, rstd.pow(3) * drstd, dout)
     return dh, dw2, dgu.t() @ h2d
 
 
@@ -177,9 +178,10 @@ def swiglu_mlp_grads_fp8(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dh, dW2, dW13') as ``_backward_bf16`` with every GEMM in FP8: the dgrads in
     the epilogue GEMMs, the wgrads in cuBLAS from the transposed casts."""
-    g = fp8_operands.quantize(dout, "grad", fp8, fp8_operands.row(history, DOUT_ROW), cols=True)
     w = fp8_operands.weight([w2], None, False, last=True)
-    dgu, act, drstd = dswiglu_drstd_gemm(g.rows, w.cols, gu, rstd, g.inv_scale * w.inv_scale)
+    g = fp8_operands.quantize(dout, "grad", fp8, fp8_operands.row(history, DOUT_ROW), cols=True,
+                              times=w.inv_scale)
+    dgu, act, drstd = dswiglu_drstd_gemm(g.rows, w.cols, gu, rstd, g.dq)
     dw2 = fp8_operands.wgrad(g, act, fp8, fp8_operands.row(history, A_ROW))
     dh, dw13 = rmsnorm_linear_grads_fp8(dgu, [w1, w3], norm_weight, True, h2d,
                                         rstd.pow(3) * drstd, dout, fp8, history, DZR_ROW, H_ROW)
