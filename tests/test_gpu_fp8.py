@@ -97,6 +97,43 @@ def test_fp8_quantize_matches_the_reference(m, n, kind, rows, cols):
     torch.testing.assert_close(got.inv_scale * scale.reshape(1), torch.ones(1, device=DEV))
 
 
+@pytest.mark.parametrize("rows_each,interleave", [((2048, 512, 512), False), ((1536, 1536), True),
+                                                  ((4096,), False)])
+@pytest.mark.parametrize("fold", [True, False])
+def test_fp8_stacked_weight_cast_matches_the_reference(rows_each, interleave, fold):
+    """The weight cast that stacks the projections and folds the norm weight as it
+    loads: equal to ``fp8.quantize`` of the stacked, folded bf16 weight (but for
+    a rare one-step rounding difference), its transposed copy exact, in poisoned memory."""
+    from coda_titan.kernels import fp8
+    from coda_titan.kernels.cutedsl import fp8_operands
+    from coda_titan.kernels.cutedsl.gemm import stack_rows
+    from coda_titan.kernels.deferred_rmsnorm import fold_norm_weight
+
+    torch.manual_seed(len(rows_each))
+    weights = [torch.randn(r, 2048, device=DEV, dtype=BF) * (i + 1) for i, r in enumerate(rows_each)]
+    g = (torch.rand(2048, device=DEV) + 0.5).to(BF) if fold else None
+    stacked = stack_rows(weights, interleave)
+    want, scale = fp8.quantize(stacked if g is None else fold_norm_weight(stacked, g), "weight",
+                               "tensorwise")
+    poison_allocator()
+    got = fp8_operands.quantize_stacked(weights, g, interleave)
+    steps = (got.rows.view(torch.uint8).int() - want.view(torch.uint8).int()).abs()
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-4
+    torch.testing.assert_close(got.inv_scale * scale.reshape(1), torch.ones(1, device=DEV))
+    cols = fp8_operands.quantize_stacked(weights, g, interleave, rows=False, cols=True)
+    assert torch.equal(cols.cols.view(torch.uint8), got.rows.t().contiguous().view(torch.uint8))
+
+
+def test_fp8_stacked_weight_cast_rejects_what_it_cannot_stack():
+    from coda_titan.kernels.cutedsl import fp8_operands
+
+    w = torch.randn(64, 64, device=DEV, dtype=BF)
+    with pytest.raises(ValueError, match="up to three, equal in rows when interleaved"):
+        fp8_operands.quantize_stacked([w, w[:32]], None, True)
+    with pytest.raises(ValueError, match="up to three"):
+        fp8_operands.quantize_stacked([w] * 4, None, False)
+
+
 def mlp_inputs(m, d, f, outlier=None):
     h = torch.randn(m, d, device=DEV, dtype=BF)
     if outlier is not None:

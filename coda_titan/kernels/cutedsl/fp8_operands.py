@@ -9,13 +9,16 @@ is cast in the orientations its GEMMs contract it along:
   ``x.T``; a gradient ``dy`` (M, N) feeds the dgrad as ``dy`` and the wgrad as
   ``dy.T``: one Triton pass writing both (a tile transposed through shared
   memory; Inductor's and ATen's transposes ran 5-10x slower on the H200),
-  after an amax pass (ATen's) under ``tensorwise``; under ``delayed`` the pass
+  after an amax pass under ``tensorwise``; under ``delayed`` the pass
   records the amax itself (an atomic max per tile into the history);
 - a weight ``W`` (N, K), norm weight folded in where the op folds it, feeds the
   forward as ``W`` and the dgrad as ``W.T``. It is cast once per parameter
   update (``..prepared_weights``, tagged apart from the bf16 fold) when the
   converter keeps prepared weights, else once per pass; the dgrad transposes
-  the kept FP8 copy (``weight``).
+  the kept FP8 copy (``weight``). The amax pass and the cast read the stacked
+  projections and fold the norm weight in as they load (``quantize_stacked``):
+  the bf16 ``W'`` a separate fold wrote and both passes read is never stored,
+  and a compiled fold's host call (~150 us) no longer stalls the forward.
 
 The epilogue GEMMs (forward, and the dgrads of the three fused ops: K = D, F
 or 2F) run quack's fast accumulation; torchao keeps its dgrads accurate, but
@@ -40,7 +43,6 @@ import triton.language as tl
 
 from ..fp8 import AMAX_FLOOR, FORMATS, HISTORY
 from ..prepared_weights import prepared, taken
-from .gemm import _fold_weight
 
 CAST_BLOCK = 128
 
@@ -69,11 +71,50 @@ class Fp8Operand(NamedTuple):
 
 
 @triton.jit
-def _cast_kernel(x_ptr, amax_ptr, history_ptr, q_ptr, qt_ptr, inv_scale_ptr, times_ptr, dq_ptr, m,
-                 n, qt_cols, fmax, floor, ROWS: tl.constexpr, COLS: tl.constexpr,
-                 DELAYED: tl.constexpr, RECORD: tl.constexpr, TIMES: tl.constexpr,
-                 HISTORY: tl.constexpr, BLOCK: tl.constexpr):
-    """One BLOCK x BLOCK tile of ``x`` scaled by ``fmax / amax``, saturated and rounded
+def _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
+          INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK x BLOCK tile (rows rm, columns rn) of
+    ``X = stack_rows([x, x1, x2][:SOURCES], INTERLEAVE)``, or with FOLD of
+    ``fold_norm_weight(X, g)`` (rounded to x's dtype, as the reference folds), in
+    fp32 with zeros outside; ``n0``, ``n1``: the rows of x and x1 when stacked."""
+    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = (rm[:, None] < m) & (rn[None, :] < n)
+    if SOURCES == 1:
+        x = tl.load(x_ptr + rm[:, None] * n + rn[None, :], mask=inside, other=0.0)
+    else:
+        if INTERLEAVE:
+            source, row = rm % SOURCES, rm // SOURCES
+        else:
+            source = (rm >= n0).to(tl.int32) + (rm >= n0 + n1).to(tl.int32)
+            row = rm - tl.where(source == 0, 0, tl.where(source == 1, n0, n0 + n1))
+        offsets, source = row[:, None] * n + rn[None, :], source[:, None]
+        # Each element is loaded from its one source (the others masked off).
+        x = tl.load(x_ptr + offsets, mask=inside & (source == 0), other=0.0)
+        x += tl.load(x1_ptr + offsets, mask=inside & (source == 1), other=0.0)
+        if SOURCES == 3:
+            x += tl.load(x2_ptr + offsets, mask=inside & (source == 2), other=0.0)
+    if FOLD:
+        g = tl.load(g_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)
+        x = (x.to(tl.float32) * g[None, :]).to(x_ptr.dtype.element_ty)
+    return x.to(tl.float32), rm, rn
+
+
+@triton.jit
+def _amax_kernel(x_ptr, x1_ptr, x2_ptr, g_ptr, amax_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
+                 INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr):
+    """The amax of one tile of ``_tile``'s X, an atomic max into ``amax`` (zeroed)."""
+    x, _, _ = _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE, FOLD, BLOCK)
+    tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
+
+
+@triton.jit
+def _cast_kernel(x_ptr, x1_ptr, x2_ptr, g_ptr, amax_ptr, history_ptr, q_ptr, qt_ptr, inv_scale_ptr,
+                 times_ptr, dq_ptr, m, n, n0, n1, qt_cols, fmax, floor, SOURCES: tl.constexpr,
+                 INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, ROWS: tl.constexpr,
+                 COLS: tl.constexpr, DELAYED: tl.constexpr, RECORD: tl.constexpr,
+                 TIMES: tl.constexpr, HISTORY: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of ``_tile``'s X scaled by ``fmax / amax``, saturated and rounded
     to FP8: stored as is (ROWS) and transposed (COLS; its padding columns get zeros).
     ``amax``: the largest past amax of the history (DELAYED) or the given one; RECORD:
     the tile's amax goes into the history's current entry (an atomic max); TIMES:
@@ -83,10 +124,7 @@ def _cast_kernel(x_ptr, amax_ptr, history_ptr, q_ptr, qt_ptr, inv_scale_ptr, tim
     else:
         amax = tl.load(amax_ptr)
     scale = tl.where(amax > 0, fmax / tl.maximum(amax, floor), 1.0)
-    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + rm[:, None] * n + rn[None, :],
-                mask=(rm[:, None] < m) & (rn[None, :] < n), other=0.0).to(tl.float32)
+    x, rm, rn = _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE, FOLD, BLOCK)
     y = tl.clamp(x * scale, -fmax, fmax)
     if ROWS:
         tl.store(q_ptr + rm[:, None] * n + rn[None, :], y.to(q_ptr.dtype.element_ty),
@@ -111,19 +149,37 @@ def quantize(x: torch.Tensor, kind: str, recipe: str = "tensorwise",
     in ``history``, a row of an amax history, when given), ``delayed`` from
     ``history``'s past amaxes, recording the current one as it casts (no amax pass).
     ``times``: the other GEMM operand's ``1 / scale``, for ``dq``."""
-    x, dtype = x.contiguous(), FORMATS[kind]
-    (m, n), device = x.shape, x.device
-    if (m + 16) * n >= 2**31:
-        raise ValueError(f"FP8 cast of a {m} x {n} tensor: the cast kernel indexes in int32, "
-                         f"so an operand must have under 2**31 elements; use fewer tokens per "
-                         f"micro-batch")
-    delayed = recipe == "delayed"
-    if delayed and history is None:
+    if recipe == "delayed" and history is None:
         raise ValueError(f"the delayed FP8 recipe needs an amax history for {kind} operands")
     if history is not None and history.dtype != torch.float32:
         raise ValueError(f"an FP8 amax history must be float32 (the cast's atomic max), got "
                          f"{history.dtype}: was the model cast with .to(dtype)?")
-    amax = None if delayed else torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
+    return _cast([x.contiguous()], None, False, kind, recipe == "delayed", history, rows, cols,
+                  times)
+
+
+def quantize_stacked(weights: list[torch.Tensor], norm_weight: torch.Tensor | None,
+                     interleave: bool, rows: bool = True, cols: bool = False) -> Fp8Operand:
+    """``stack_rows(weights, interleave) [* norm_weight]`` (folded as
+    ``fold_norm_weight`` folds) cast to e4m3, tensorwise, without writing the
+    stacked bf16 weight: the amax pass and the cast read the sources."""
+    if len(weights) > 3 or (interleave and len({w.shape[0] for w in weights}) > 1):
+        raise ValueError(f"stacked FP8 cast of {len(weights)} weights of rows "
+                         f"{[w.shape[0] for w in weights]}: it takes up to three, equal in "
+                         f"rows when interleaved")
+    return _cast([w.contiguous() for w in weights], norm_weight, interleave, "weight", False,
+                 None, rows, cols, None)
+
+
+def _cast(sources: list[torch.Tensor], norm_weight: torch.Tensor | None, interleave: bool,
+          kind: str, delayed: bool, history: torch.Tensor | None, rows: bool, cols: bool,
+          times: torch.Tensor | None) -> Fp8Operand:
+    dtype, device = FORMATS[kind], sources[0].device
+    m, n = sum(s.shape[0] for s in sources), sources[0].shape[1]
+    if (m + 16) * n >= 2**31:
+        raise ValueError(f"FP8 cast of a {m} x {n} tensor: the cast kernel indexes in int32, "
+                         f"so an operand must have under 2**31 elements; use fewer tokens per "
+                         f"micro-batch")
     # cuBLAS FP8 wants K (for ``cols``: the wgrads' tokens) a multiple of 16; the
     # zero columns of the padding add nothing to the sums.
     padded = m + -m % 16
@@ -131,14 +187,25 @@ def quantize(x: torch.Tensor, kind: str, recipe: str = "tensorwise",
     qt = torch.empty(n, padded, dtype=dtype, device=device) if cols else None
     inv_scale = torch.empty(1, dtype=torch.float32, device=device)
     dq = None if times is None else torch.empty(1, dtype=torch.float32, device=device)
-    grid = (triton.cdiv(padded if cols else m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK))
     unused = inv_scale  # a pointer for the arguments a variant does not read
-    _cast_kernel[grid](x, unused if delayed else amax, unused if history is None else history,
+    x, x1, x2 = (sources + [unused] * 2)[:3]
+    layout = dict(SOURCES=len(sources), INTERLEAVE=interleave, FOLD=norm_weight is not None,
+                  BLOCK=CAST_BLOCK, num_warps=8)
+    stacked = (x, x1, x2, unused if norm_weight is None else norm_weight)
+    n0, n1 = ([s.shape[0] for s in sources] + [0])[:2]
+    amax = None
+    if not delayed:
+        amax = torch.zeros(1, dtype=torch.float32, device=device)
+        _amax_kernel[(triton.cdiv(m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK))](
+            *stacked, amax, m, n, n0, n1, **layout)
+    grid = (triton.cdiv(padded if cols else m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK))
+    _cast_kernel[grid](*stacked, unused if amax is None else amax,
+                       unused if history is None else history,
                        unused if q is None else q, unused if qt is None else qt, inv_scale,
                        unused if times is None else times, unused if dq is None else dq,
-                       m, n, padded, torch.finfo(dtype).max, AMAX_FLOOR, ROWS=rows, COLS=cols,
-                       DELAYED=delayed, RECORD=history is not None, TIMES=times is not None,
-                       HISTORY=HISTORY, BLOCK=CAST_BLOCK, num_warps=8)
+                       m, n, n0, n1, padded, torch.finfo(dtype).max, AMAX_FLOOR,
+                       ROWS=rows, COLS=cols, DELAYED=delayed, RECORD=history is not None,
+                       TIMES=times is not None, HISTORY=HISTORY, **layout)
     return Fp8Operand(q, qt, inv_scale, dq)
 
 
@@ -177,8 +244,7 @@ def weight(weights: list[torch.Tensor], norm_weight: torch.Tensor | None, interl
     transposes it, a weight-sized FP8 copy, where it finds it kept, else casts
     its own from the bf16 weights."""
     def build(rows=True):
-        w = weights[0] if norm_weight is None else _fold_weight(weights, norm_weight, interleave)
-        return quantize(w, "weight", rows=rows, cols=not rows)
+        return quantize_stacked(weights, norm_weight, interleave, rows=rows, cols=not rows)
 
     tag = f"fp8:{interleave}:{norm_weight is not None}"
     sources = weights if norm_weight is None else [*weights, norm_weight]
