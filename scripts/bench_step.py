@@ -221,7 +221,11 @@ def run_arm(arm, flavor, seq, batch, steps, warmup, ac="none", top_kernels=0,
 def host_profile(fn, top: int) -> list[dict]:
     """The ``top`` Python functions by own time over one call of ``fn``: where a
     host-bound step's launches spend it (the GPU work is asynchronous, so it
-    is not in these times; cProfile's own cost inflates them, alike for every arm)."""
+    is not in these times; cProfile's own cost inflates them, alike for every arm).
+    Only the calling thread is profiled: the backward's Python (the ops' backward
+    halves) runs on the autograd engine's device thread and is missing; and
+    torch's custom-op ``backend_impl`` row is not to be read (in the 8B FP8
+    runs its own time exceeded its cumulative time)."""
     profiler = cProfile.Profile()
     profiler.runcall(fn)
     rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
