@@ -18,8 +18,9 @@ TorchTitan's own trainer, after what it does not do:
   the last line; under torchrun every rank also appends that line to
   ``$CODA_ERROR_FILE``, for ``scripts/train.sh`` to repeat after torchrun's
   report. A checkpoint that fails to load (DCP's ``CheckpointException``, a
-  ``BaseException`` carrying each rank's traceback) ends in its root error; a
-  missing FP8 amax history says which recipe wrote the checkpoint.
+  ``BaseException`` carrying each rank's traceback) ends in its root error.
+* A ``delayed`` FP8 run resumes a checkpoint without amax histories (another
+  recipe's, a bf16 run's) with empty ones.
 
 ``--help`` without a config lists the ``[coda]`` options; with one, every option.
 """
@@ -35,6 +36,7 @@ import traceback
 from collections.abc import Sequence
 
 import torch
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
@@ -183,12 +185,39 @@ def cpu_precision(job_config) -> None:
 
 
 class CodaTrainer(Trainer):
-    """TorchTitan's trainer, in float32 on a CPU without native bf16."""
+    """TorchTitan's trainer, in float32 on a CPU without native bf16, loading
+    checkpoints written without FP8 amax histories (``without_absent_histories``)."""
 
     def __init__(self, job_config):
         if not torch.cuda.is_available():
             cpu_precision(job_config)
         super().__init__(job_config)
+        self.checkpointer.dcp_load = without_absent_histories(self.checkpointer.dcp_load)
+
+
+def without_absent_histories(dcp_load):
+    """TorchTitan's DCP load, for a ``delayed`` FP8 run resuming a checkpoint that
+    holds no amax histories (written by a bf16, ``torchao`` or ``tensorwise`` run):
+    the histories are left out of what is loaded, rather than DCP failing on their
+    missing keys, and stay empty, so the first step scales ``tensorwise`` and fills
+    them, as a fresh delayed run does. A checkpoint holding some but not all is
+    still an error (another model)."""
+
+    def load(state_dict, checkpoint_id, from_hf, from_quantized):
+        from .layers.block import HISTORY_BUFFER  # not at import: the launcher starts light
+
+        histories = [key for key in state_dict if key.endswith(f".{HISTORY_BUFFER}")]
+        if histories and not from_hf:
+            saved = FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
+            if not any(key.endswith(f".{HISTORY_BUFFER}") for key in saved):
+                logger.warning(f"Checkpoint {checkpoint_id} holds no FP8 amax histories (its run "
+                               f"did not scale delayed): they start empty, and each block's "
+                               f"first step scales tensorwise")
+                state_dict = {k: v for k, v in state_dict.items() if k not in histories}
+        dcp_load(state_dict, checkpoint_id=checkpoint_id, from_hf=from_hf,
+                 from_quantized=from_quantized)
+
+    return load
 
 
 def first_line(error: Exception) -> str:
@@ -200,13 +229,8 @@ def error_line(error: BaseException) -> str:
     """``<type>: <message>`` of a failure after start-up; for a checkpoint that did
     not load, the root error (the last line of the first rank's traceback)."""
     if isinstance(error, CheckpointException):
-        line = str(error).strip().splitlines()[-1]
-    else:
-        line = f"{type(error).__name__}: {first_line(error)}"
-    if "Missing key" in line and "fp8_amax_history" in line:
-        line = (line.rstrip(".") + "; the checkpoint holds no FP8 amax history: it was written "
-                'by a run without [coda] fp8_recipe = "delayed" (resume it with that run\'s recipe)')
-    return line
+        return str(error).strip().splitlines()[-1]
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def fail(message: str, code: int) -> None:

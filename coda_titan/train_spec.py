@@ -21,6 +21,7 @@ from torchtitan.models.llama3 import (
 from torchtitan.protocols.train_spec import register_train_spec
 
 from .layers import LMHeadInput
+from .layers.block import HISTORY_BUFFER
 from .wandb_run import configure_wandb_run
 
 CODA_LLAMA3 = "coda_llama3"
@@ -61,7 +62,7 @@ class CodaLlama3StateDictAdapter(Llama3StateDictAdapter):
 
     def to_hf(self, state_dict):
         return super().to_hf({key: value for key, value in state_dict.items()
-                              if not key.endswith(".fp8_amax_history")})
+                              if not key.endswith(f".{HISTORY_BUFFER}")})
 
 
 def build_coda_loss(job_config, **kwargs):

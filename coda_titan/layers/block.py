@@ -34,6 +34,10 @@ from ..kernels.fp8 import HISTORY, HISTORY_SITES
 from .autocast import compute_weights, outside_autocast
 
 
+# The delayed FP8 recipe's state, a buffer of each block (in its state dict).
+HISTORY_BUFFER = "fp8_amax_history"
+
+
 class CodaTransformerBlock(TransformerBlock):
     """Drop-in for TorchTitan's llama3 ``TransformerBlock`` running CODA ops."""
 
@@ -60,9 +64,9 @@ class CodaTransformerBlock(TransformerBlock):
         self.coda = coda
         self.keep_weights = keep_weights
         self.fp8 = coda.fp8_recipe if coda.fp8 == "coda" else None
-        if self.fp8 == "delayed" and "fp8_amax_history" not in self._buffers:
+        if self.fp8 == "delayed" and HISTORY_BUFFER not in self._buffers:
             device = self.attention.wq.weight.device
-            self.register_buffer("fp8_amax_history",
+            self.register_buffer(HISTORY_BUFFER,
                                  torch.zeros(HISTORY_SITES, 1 + HISTORY, device=device,
                                              dtype=torch.float32))
             self.register_load_state_dict_post_hook(_history_loaded)
