@@ -52,7 +52,7 @@ class Coda:
     per tensor from its amax, as TorchTitan's float8) | ``delayed`` (activations
     and gradients from their amax over the last 16 steps, Transformer Engine's
     recipe: no amax pass; the history is a buffer of each block, so checkpoints
-    of a ``delayed`` run hold it and those of other runs do not load into one) |
+    of a ``delayed`` run hold it, and one resuming another run's starts it empty) |
     ``blockwise`` (1 x 128 blocks of activations and gradients, 128 x 128 of weights)."""
 
     loss_chunk_tokens: int = 1024

@@ -97,8 +97,8 @@ def test_fp8_quantize_matches_the_reference(m, n, kind, rows, cols):
     torch.testing.assert_close(got.inv_scale * scale.reshape(1), torch.ones(1, device=DEV))
 
 
-@pytest.mark.parametrize("rows_each,interleave", [((2048, 512, 512), False), ((1536, 1536), True),
-                                                  ((4096,), False)])
+@pytest.mark.parametrize("rows_each,interleave", [((2048, 512, 512), False), ((1040, 272, 272), False),
+                                                  ((1536, 1536), True), ((4096,), False)])
 @pytest.mark.parametrize("fold", [True, False])
 def test_fp8_stacked_weight_cast_matches_the_reference(rows_each, interleave, fold):
     """The weight cast that stacks the projections and folds the norm weight as it
@@ -128,10 +128,14 @@ def test_fp8_stacked_weight_cast_rejects_what_it_cannot_stack():
     from coda_titan.kernels.cutedsl import fp8_operands
 
     w = torch.randn(64, 64, device=DEV, dtype=BF)
-    with pytest.raises(ValueError, match="up to three, equal in rows when interleaved"):
+    with pytest.raises(ValueError, match="one to three, equal in rows when interleaved"):
         fp8_operands.quantize_stacked([w, w[:32]], None, True)
-    with pytest.raises(ValueError, match="up to three"):
-        fp8_operands.quantize_stacked([w] * 4, None, False)
+    for count in (0, 4):
+        with pytest.raises(ValueError, match="one to three"):
+            fp8_operands.quantize_stacked([w] * count, None, False)
+    for weights, g in (([w, w[:, :32]], None), ([w, w.float()], None), ([w], w[0, :32])):
+        with pytest.raises(ValueError, match="same columns and dtype, the norm weight one entry"):
+            fp8_operands.quantize_stacked(weights, g, False)
 
 
 def mlp_inputs(m, d, f, outlier=None):

@@ -134,31 +134,6 @@ def test_block_under_autocast():
         assert rel_err(g_f[name], g_r[name]) < 4e-2, name
 
 
-def test_block_keeps_prepared_weights_only_where_they_are_reused(monkeypatch):
-    """A block converted to keep its prepared weights keeps them in training, not
-    without gradients (nothing reads them again) nor under autocast (whose weights
-    are fresh casts on every call, so an entry could never be hit)."""
-    from coda_titan.layers import block as block_module
-
-    seen = []
-
-    def recording_ops_for(*args, keep_weights, **kwargs):
-        seen.append(keep_weights)
-        return ops_for(*args, keep_weights=keep_weights, **kwargs)
-
-    ops_for = block_module.ops_for
-    monkeypatch.setattr(block_module, "ops_for", recording_ops_for)
-    _, fused = make_blocks(64, 8, 2, Coda(), torch.float32, 4)
-    fused.configure_coda(Coda(), "reference", keep_weights=True)
-    x, freqs, _ = block_inputs(64, 8, 2, 9, torch.float32, False)
-    fused(x, freqs, None)
-    with torch.no_grad():
-        fused(x, freqs, None)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fused(x, freqs, None)
-    assert seen == [True, False, False]
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_linear_residual_sumsq(dtype, tol):
     torch.manual_seed(4)

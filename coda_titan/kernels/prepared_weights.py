@@ -58,10 +58,11 @@ def prepared(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], torc
     weight = build()
     if keep:
         global _SWEEP_AT
-        # Entries whose sources died (a model deleted between optimizer steps)
-        # would pin their weights; sweeping them only when the table has doubled
-        # keeps the host cost per build constant (a sweep on every build walked
-        # about 19,000 weak references a step at 8B, in a host-bound step).
+        # Entries whose sources died (a per-call cast of float32 parameters under
+        # autocast, a model deleted between optimizer steps) would pin their
+        # weights; sweeping them only when the table has doubled keeps the host
+        # cost per build constant (a sweep on every build walked about 19,000
+        # weak references a step at 8B, in a host-bound step).
         if len(_ENTRIES) >= _SWEEP_AT:
             for dead in [k for k, e in _ENTRIES.items() if any(r.expired() for r in e[1])]:
                 del _ENTRIES[dead]

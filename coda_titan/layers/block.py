@@ -34,7 +34,8 @@ from ..kernels.fp8 import HISTORY, HISTORY_SITES
 from .autocast import compute_weights, outside_autocast
 
 
-# The delayed FP8 recipe's state, a buffer of each block (in its state dict).
+# The name of the delayed FP8 recipe's state, a buffer of each block: its
+# state-dict keys end in it.
 HISTORY_BUFFER = "fp8_amax_history"
 
 
@@ -96,11 +97,9 @@ class CodaTransformerBlock(TransformerBlock):
     def forward(self, x, freqs_cis, attention_masks, positions=None):
         coda, attention = self.coda, self.attention
         fp8, history = self.fp8_recipe()
-        # Without a backward to come (evaluation), nothing is worth keeping; nor
-        # under autocast, whose weights are fresh casts on every call.
-        keep = (self.keep_weights and torch.is_grad_enabled()
-                and not torch.is_autocast_enabled(x.device.type))
-        ops = ops_for(self.backend, strict=coda.backend == "cutedsl", keep_weights=keep, fp8=fp8)
+        # Without a backward to come (evaluation), nothing is worth keeping.
+        ops = ops_for(self.backend, strict=coda.backend == "cutedsl",
+                      keep_weights=self.keep_weights and torch.is_grad_enabled(), fp8=fp8)
         bs, seqlen, dim = x.shape
         x2d = x.reshape(-1, dim)
         head_dim = attention.head_dim

@@ -163,12 +163,21 @@ def quantize_stacked(weights: list[torch.Tensor], norm_weight: torch.Tensor | No
     """``stack_rows(weights, interleave) [* norm_weight]`` (folded as
     ``fold_norm_weight`` folds) cast to e4m3, tensorwise, without writing the
     stacked bf16 weight: the amax pass and the cast read the sources."""
-    if len(weights) > 3 or (interleave and len({w.shape[0] for w in weights}) > 1):
-        raise ValueError(f"stacked FP8 cast of {len(weights)} weights of rows "
-                         f"{[w.shape[0] for w in weights]}: it takes up to three, equal in "
-                         f"rows when interleaved")
-    return _cast([w.contiguous() for w in weights], norm_weight, interleave, "weight", False,
-                 None, rows, cols, None)
+    shapes = [tuple(w.shape) for w in weights]
+    if not 1 <= len(weights) <= 3 or (interleave and len({s[0] for s in shapes}) > 1):
+        raise ValueError(f"stacked FP8 cast of weights {shapes}: it takes one to three, "
+                         f"equal in rows when interleaved")
+    n = shapes[0][-1]
+    if (any(len(s) != 2 or s[1] != n for s in shapes) or len({w.dtype for w in weights}) > 1
+            or (norm_weight is not None and tuple(norm_weight.shape) != (n,))):
+        raise ValueError(f"stacked FP8 cast of weights {shapes} "
+                         f"({', '.join(str(w.dtype) for w in weights)}) with a norm weight of "
+                         f"shape {None if norm_weight is None else tuple(norm_weight.shape)}: "
+                         f"the weights must be 2-D with the same columns and dtype, the norm "
+                         f"weight one entry per column")
+    return _cast([w.contiguous() for w in weights],
+                 None if norm_weight is None else norm_weight.contiguous(), interleave, "weight",
+                 False, None, rows, cols, None)
 
 
 def _cast(sources: list[torch.Tensor], norm_weight: torch.Tensor | None, interleave: bool,
