@@ -36,8 +36,9 @@ and a profiler breakdown of one step by kernel class (GEMM, attention, other);
 the step time the kernels leave idle (``gpu_idle_ms``: the median step less the
 kernels' sum) is what the host's launches cost a host-bound step, and
 --host-profile N lists the N kernels the GPU waits longest before (idle gaps
-in the profiled step) and the N Python functions the host spends most time in
-over one step (cProfile, own time), to find it. Writes
+in the profiled step) and, per thread, the N Python lines the host spends most
+time in over one step (sampled stacks, the backward's thread included), to
+find it. Writes
 benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
@@ -47,12 +48,14 @@ benchmarks/results/step_<gpu>.{json,md}.
 """
 
 import argparse
+import collections
 import contextlib
-import cProfile
 import functools
 import gc
-import pstats
 import statistics
+import sys
+import threading
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -218,20 +221,50 @@ def run_arm(arm, flavor, seq, batch, steps, warmup, ac="none", top_kernels=0,
         return measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top)
 
 
-def host_profile(fn, top: int) -> list[dict]:
-    """The ``top`` Python functions by own time over one call of ``fn``: where a
-    host-bound step's launches spend it (the GPU work is asynchronous, so it
-    is not in these times; cProfile's own cost inflates them, alike for every arm).
-    Only the calling thread is profiled: the backward's Python (the ops' backward
-    halves) runs on the autograd engine's device thread and is missing; and
-    torch's custom-op ``backend_impl`` row is not to be read (in the 8B FP8
-    runs its own time exceeded its cumulative time)."""
-    profiler = cProfile.Profile()
-    profiler.runcall(fn)
-    rows = sorted(pstats.Stats(profiler).stats.items(), key=lambda item: -item[1][2])[:top]
-    return [dict(function=name if file == "~" else f"{file.rsplit('/', 1)[-1]}:{line}({name})",
-                 calls=calls, own_ms=own * 1e3, cumulative_ms=cumulative * 1e3)
-            for (file, line, name), (_, calls, own, cumulative, _) in rows]
+def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
+    """Where the host spends one call of ``fn``: every thread's Python stack is
+    sampled each ``interval_s``, and the ``top`` innermost frames (own time) of
+    each thread that matters are returned, with their share of that thread's
+    samples and the time it stands for. The threads: ``main`` (the caller) and
+    ``native``, those not started by ``threading``, where the autograd engine
+    runs the backward's Python (a profiler of the calling thread, cProfile,
+    misses all of it); ``threading``'s own (compile workers) are left out. The
+    GPU work is asynchronous, so it is not in these times."""
+    caller, done = threading.get_ident(), threading.Event()
+    own, samples = collections.Counter(), collections.Counter()
+
+    def sample():
+        me = threading.get_ident()
+        while not done.is_set():
+            started = {t.ident for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == me or (ident != caller and ident in started):
+                    continue
+                thread = "main" if ident == caller else "native"
+                samples[thread] += 1
+                code = frame.f_code
+                own[thread, f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+                            f"({code.co_name})"] += 1
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s / 2)  # let the sampler in between bytecodes
+    start = time.perf_counter()
+    sampler.start()
+    try:
+        fn()
+    finally:
+        wall_ms = (time.perf_counter() - start) * 1e3
+        done.set()
+        sampler.join()
+        sys.setswitchinterval(switch)
+    rows = [dict(thread=thread, function=function, share=n / samples[thread],
+                 own_ms=n / samples[thread] * wall_ms)
+            for (thread, function), n in own.items()]
+    return [row for thread in ("main", "native")
+            for row in sorted((r for r in rows if r["thread"] == thread),
+                              key=lambda r: -r["share"])[:top]]
 
 
 def idle_gaps(prof, top: int) -> list[dict]:
@@ -308,8 +341,8 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host
         host = host_profile(step, host_top)
         torch.cuda.synchronize()
         for row in host:
-            print(f"   {row['own_ms']:8.2f} ms own {row['cumulative_ms']:8.2f} ms cumulative "
-                  f"x{row['calls']:5d} {row['function'][:90]}")
+            print(f"   {row['own_ms']:8.2f} ms {100 * row['share']:5.1f}% of {row['thread']:6s} "
+                  f"{row['function'][:90]}")
     attention = sorted({b.attention_kernel for b in model.modules()
                         if isinstance(b, CodaTransformerBlock)}) or ["titan"]
     record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, ac=ac,
@@ -334,8 +367,9 @@ def main():
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--top-kernels", type=int, default=0, help="print the N costliest kernels")
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
-                        help="print (and record) the N Python functions with the most own "
-                             "host time over one step")
+                        help="print (and record) the N kernels the GPU waits longest before and, "
+                             "per thread, the N Python lines with the most host time over one "
+                             "step")
     parser.add_argument("--ac", default="none",
                         choices=("none", "full", "selective", "selective-op"),
                         help="TorchTitan activation checkpointing (8B takes full on 80 GB)")

@@ -1,7 +1,9 @@
 """scripts/bench_step.py's host profile, on the CPU (the benchmark itself needs a GPU)."""
 
+import _thread
 import importlib.util
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,20 +22,35 @@ def _fast_launch():
     return sum(range(10))
 
 
-def test_host_profile_ranks_the_functions_by_own_host_time():
+def _backward_on_a_native_thread():
+    time.sleep(0.03)
+
+
+def test_host_profile_ranks_each_threads_lines_by_their_share():
+    """The caller's thread and one not started by ``threading`` (as the autograd
+    engine's device thread is) are sampled; ``threading``'s own are left out."""
     def step():
+        done = threading.Event()
+        _thread.start_new_thread(lambda: (_backward_on_a_native_thread(), done.set()), ())
+        helper = threading.Thread(target=time.sleep, args=(0.05,))
+        helper.start()
         for _ in range(3):
             _slow_launch()
             _fast_launch()
+        done.wait()
+        helper.join()
 
-    rows = bench_step.host_profile(step, top=5)
-    assert len(rows) == 5
-    assert rows[0]["function"] == "<built-in method time.sleep>"
-    assert rows[0]["calls"] == 3 and rows[0]["own_ms"] >= 55
-    assert [r["own_ms"] for r in rows] == sorted((r["own_ms"] for r in rows), reverse=True)
-    slow = next(r for r in rows if "_slow_launch" in r["function"])
-    assert slow["function"].startswith("test_bench_step.py:")
-    assert slow["cumulative_ms"] >= 55 and slow["own_ms"] < 5
+    rows = bench_step.host_profile(step, top=3)
+    main = [r for r in rows if r["thread"] == "main"]
+    native = [r for r in rows if r["thread"] == "native"]
+    assert {r["thread"] for r in rows} == {"main", "native"} and len(main) <= 3
+    assert main[0]["function"].startswith("test_bench_step.py:")
+    assert main[0]["function"].endswith("(_slow_launch)") and main[0]["share"] > 0.5
+    assert 40 <= main[0]["own_ms"] <= 1.5 * 60 + 20
+    assert [r["share"] for r in main] == sorted((r["share"] for r in main), reverse=True)
+    assert native[0]["function"].endswith("(_backward_on_a_native_thread)")
+    # the helper thread, sleeping in threading.py's run, would be a native row
+    assert not any("threading.py" in r["function"] for r in native)
 
 
 def test_idle_gaps_sum_the_waits_by_the_kernel_that_ends_them():
