@@ -38,8 +38,7 @@ kernels' sum) is what the host's launches cost a host-bound step, and
 --host-profile N lists the N kernels the GPU waits longest before (idle gaps
 in the profiled step) and, per thread, the N Python lines the host spends most
 time in over one step (sampled stacks, the backward's thread included), to
-find it. Writes
-benchmarks/results/step_<gpu>.{json,md}.
+find it. Writes benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
   python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full
