@@ -31,14 +31,15 @@ Activation checkpointing (--ac) is TorchTitan's own ``apply_ac``: ``full``,
 ``selective-op`` (per op: TorchTitan's save list plus the ops CODA adds to it).
 
 Each step is forward + backward + gradient clipping + fused AdamW, bf16
-parameters, random tokens. Reports the median step time, tokens/s, peak memory
+parameters, random tokens, with Python's garbage collector off as in
+TorchTitan's training loop. Reports the median step time, tokens/s, peak memory
 and a profiler breakdown of one step by kernel class (GEMM, attention, other);
 the step time the kernels leave idle (``gpu_idle_ms``: the median step less the
 kernels' sum) is what the host's launches cost a host-bound step, and
 --host-profile N lists the N kernels the GPU waits longest before (idle gaps
 in the profiled step) and, per thread, the N Python lines the host spends most
-time in over one step (sampled stacks, the backward's thread included), to
-find it. Writes benchmarks/results/step_<gpu>.{json,md}.
+time in over one step and the N functions it spends most time within (sampled
+stacks, the backward's thread included), to find it. Writes benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
   python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full
@@ -222,19 +223,22 @@ def run_arm(arm, flavor, seq, batch, steps, warmup, ac="none", top_kernels=0,
 
 def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
     """Where the host spends one call of ``fn``: every thread's Python stack is
-    sampled each ``interval_s``, and the ``top`` innermost frames (own time) of
-    each thread that matters are returned, with their share of that thread's
-    samples and the time it stands for. The threads: ``main`` (the caller) and
+    sampled each ``interval_s``; for each thread that matters, the ``top`` lines
+    that are innermost most often (``own``) and the ``top`` functions on the stack
+    most often (``within``: a function's time including its callees') are
+    returned, with their share of that thread's samples and the time of the
+    call they stand for. The threads: ``main`` (the caller) and
     ``native``, those not started by ``threading``, where the autograd engine
     runs the backward's Python (a profiler of the calling thread, cProfile,
     misses all of it); ``threading``'s own (compile workers) are left out. The
     GPU work is asynchronous, so it is not in these times."""
     caller, done = threading.get_ident(), threading.Event()
-    own, samples = collections.Counter(), collections.Counter()
+    own, within, samples = collections.Counter(), collections.Counter(), collections.Counter()
 
     def sample():
         me = threading.get_ident()
         while not done.is_set():
+            samples["rounds"] += 1
             started = {t.ident for t in threading.enumerate()}
             for ident, frame in sys._current_frames().items():
                 if ident == me or (ident != caller and ident in started):
@@ -244,6 +248,8 @@ def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
                 code = frame.f_code
                 own[thread, f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
                             f"({code.co_name})"] += 1
+                for function in set(map(_function_name, _stack(frame))):
+                    within[thread, function] += 1
             time.sleep(interval_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -258,12 +264,26 @@ def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
         done.set()
         sampler.join()
         sys.setswitchinterval(switch)
-    rows = [dict(thread=thread, function=function, share=n / samples[thread],
-                 own_ms=n / samples[thread] * wall_ms)
-            for (thread, function), n in own.items()]
-    return [row for thread in ("main", "native")
-            for row in sorted((r for r in rows if r["thread"] == thread),
+    # A thread's share is of its own samples; its time, of the whole call's (the
+    # native thread has a Python stack only while the backward runs).
+    rows = [dict(thread=thread, kind=kind, function=function, share=n / samples[thread],
+                 ms=n / samples["rounds"] * wall_ms)
+            for kind, counts in (("own", own), ("within", within))
+            for (thread, function), n in counts.items()]
+    return [row for thread in ("main", "native") for kind in ("own", "within")
+            for row in sorted((r for r in rows if (r["thread"], r["kind"]) == (thread, kind)),
                               key=lambda r: -r["share"])[:top]]
+
+
+def _stack(frame):
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _function_name(frame) -> str:
+    code = frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno}({code.co_name})"
 
 
 def idle_gaps(prof, top: int) -> list[dict]:
@@ -301,6 +321,22 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host
         scaling.step(model)  # what the converter's post_optimizer_hook runs
         return loss
 
+    # TorchTitan's training loop turns Python's garbage collector off and collects
+    # every ``training.gc_freq`` steps; left on, its collections land in random
+    # steps, longest in the arms that make the most Python objects.
+    gc.collect()
+    gc.disable()
+    try:
+        return _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
+                      host_top)
+    finally:
+        gc.enable()
+        del model, optimizer, params
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top):
     first_loss = step().item()
     for _ in range(warmup - 1):
         step()
@@ -340,8 +376,8 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host
         host = host_profile(step, host_top)
         torch.cuda.synchronize()
         for row in host:
-            print(f"   {row['own_ms']:8.2f} ms {100 * row['share']:5.1f}% of {row['thread']:6s} "
-                  f"{row['function'][:90]}")
+            print(f"   {row['ms']:8.2f} ms {100 * row['share']:5.1f}% of {row['thread']:6s} "
+                  f"{row['kind']:6s} {row['function'][:90]}")
     attention = sorted({b.attention_kernel for b in model.modules()
                         if isinstance(b, CodaTransformerBlock)}) or ["titan"]
     record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, ac=ac,
@@ -349,9 +385,6 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host
                   tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
                   profile_ms=breakdown, gpu_idle_ms=step_ms - sum(breakdown.values()),
                   **({"host_profile": host, "idle_before": gaps} if host_top else {}))
-    del model, optimizer, params
-    gc.collect()
-    torch.cuda.empty_cache()
     return record
 
 
