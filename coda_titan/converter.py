@@ -31,6 +31,7 @@ from .backend import (
 from .config import Coda
 from .kernels import prepared_weights
 from .layers import CodaTransformerBlock, DeferredRMSNorm, FusedLMHead
+from .layers.block import prepare_fp8_weights
 from .layers.delayed_scaling import DelayedScaling
 
 FLOAT8_CONVERTER = "quantize.linear.float8"
@@ -208,6 +209,8 @@ def convert_model(model: nn.Module, coda: Coda, backend: str, attention: str | N
             or attention != "sdpa"):
         for block in model.layers.values():
             CodaTransformerBlock.convert(block, coda, backend, attention, keep_weights)
+        if coda.fp8 == "coda" and backend == "cutedsl" and keep_weights:
+            model.register_forward_pre_hook(prepare_fp8_weights)
     if coda.fuse_norm_output_loss:
         model.norm.__class__ = DeferredRMSNorm
         model.output.__class__ = FusedLMHead

@@ -364,3 +364,30 @@ def test_folded_weights_kept_across_passes_without_ac_or_under_full_ac_and_dropp
     prepared_weights.prepared("fold", [w], lambda: w * 2)
     converter.post_optimizer_hook(model)
     assert prepared_weights.count() == 0
+
+
+@pytest.mark.parametrize("fp8,backend,keep,hooked", [("coda", "cutedsl", True, True),
+                                                     ("coda", "cutedsl", False, False),
+                                                     ("coda", "reference", True, False),
+                                                     ("none", "cutedsl", True, False)])
+def test_fp8_weights_prepared_before_the_forward_only_where_the_kernels_keep_them(
+        fp8, backend, keep, hooked):
+    """The model's pre-forward build of every block's FP8 weights is there for the
+    FP8 kernels that keep their weights, and lists each block's four fused GEMM
+    weights (the GPU test checks what it builds)."""
+    from coda_titan.layers.block import prepare_fp8_weights
+
+    model = make_model(dtype=torch.bfloat16)
+    convert_model(model, Coda(fp8=fp8, backend=backend), backend, "sdpa", keep_weights=keep)
+    assert (prepare_fp8_weights in model._forward_pre_hooks.values()) is hooked
+    stacks = [s for block in model.layers.values() for s in block.fp8_weight_stacks()]
+    assert len(stacks) == (4 * len(model.layers) if hooked else 0)
+    if hooked:
+        block = model.layers["0"]
+        (qkv, g, qkv_interleaved), (wo, none, _), (w13, g2, interleaved), _ = stacks[:4]
+        assert [w.data_ptr() for w in qkv] == [block.attention.wq.weight.data_ptr(),
+                                               block.attention.wk.weight.data_ptr(),
+                                               block.attention.wv.weight.data_ptr()]
+        assert g.data_ptr() == block.attention_norm.weight.data_ptr() and not qkv_interleaved
+        assert [w.data_ptr() for w in wo] == [block.attention.wo.weight.data_ptr()]
+        assert none is None and interleaved and g2.data_ptr() == block.ffn_norm.weight.data_ptr()

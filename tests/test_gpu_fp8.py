@@ -138,6 +138,41 @@ def test_fp8_stacked_weight_cast_rejects_what_it_cannot_stack():
             fp8_operands.quantize_stacked(weights, g, False)
 
 
+@pytest.mark.parametrize("rows_each,interleave,fold", [((1040, 272, 272), False, True),
+                                                       ((1536, 1536), True, True),
+                                                       ((4096,), False, False)])
+def test_fp8_grouped_weight_cast_equals_each_weights_own_cast(rows_each, interleave, fold):
+    """Three layers' weights cast in one group (the model's pre-forward build):
+    each bit for bit the stacked cast of its own, in poisoned memory, though one
+    layer has an outlier (its own scale)."""
+    from coda_titan.kernels.cutedsl import fp8_operands
+
+    torch.manual_seed(len(rows_each))
+    stacks = [([torch.randn(r, 2048, device=DEV, dtype=BF) for r in rows_each],
+               (torch.rand(2048, device=DEV) + 0.5).to(BF) if fold else None) for _ in range(3)]
+    stacks[1][0][-1][5, 7] = 300.0
+    want = [fp8_operands.quantize_stacked(w, g, interleave) for w, g in stacks]
+    poison_allocator()
+    got = fp8_operands.quantize_stacked_group(stacks, interleave)
+    assert len({o.inv_scale.item() for o in got}) == 3
+    for o, w in zip(got, want):
+        assert torch.equal(o.rows.view(torch.uint8), w.rows.view(torch.uint8))
+        assert torch.equal(o.inv_scale, w.inv_scale) and o.cols is None
+        assert o.inv_scale.data_ptr() % 16 == 0  # as cuBLAS takes a scale
+
+
+def test_fp8_grouped_weight_cast_rejects_mixed_layouts():
+    from coda_titan.kernels.cutedsl import fp8_operands
+
+    w = torch.randn(64, 64, device=DEV, dtype=BF)
+    g = torch.ones(64, device=DEV, dtype=BF)
+    for stacks in ([([w], None), ([w[:32]], None)], [([w], g), ([w], None)],
+                   [([w.float()], None)], [([w.t()], None)],
+                   [([torch.randn(4200, device=DEV, dtype=BF)[4:4100].view(64, 64)], None)]):
+        with pytest.raises(ValueError, match="must be one layout, contiguous bfloat16, 16-byte"):
+            fp8_operands.quantize_stacked_group(stacks, False)
+
+
 def mlp_inputs(m, d, f, outlier=None):
     h = torch.randn(m, d, device=DEV, dtype=BF)
     if outlier is not None:

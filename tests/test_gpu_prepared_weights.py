@@ -19,6 +19,7 @@ from torchtitan.models.llama3.model.model import Transformer
 from coda_titan.config import Coda
 from coda_titan.converter import convert_model
 from coda_titan.kernels import prepared_weights
+from coda_titan.layers.block import prepare_fp8_weights
 
 from .conftest import rel_err
 
@@ -38,7 +39,7 @@ def gpu_only():
     prepared_weights.clear()
 
 
-def converted(seed, full_ac, keep=True):
+def converted(seed, full_ac, keep=True, fp8="none"):
     torch.manual_seed(seed)
     model = Transformer(ARGS).to("cuda", torch.bfloat16)
     with torch.no_grad():
@@ -46,8 +47,8 @@ def converted(seed, full_ac, keep=True):
         for name, p in model.named_parameters():
             if "norm" in name:  # away from 1, so that the fold matters
                 p.uniform_(0.5, 1.5)
-    convert_model(model, Coda(backend="cutedsl", attention="sdpa", loss_chunk_tokens=256),
-                  "cutedsl", keep_weights=keep)
+    convert_model(model, Coda(backend="cutedsl", attention="sdpa", loss_chunk_tokens=256,
+                              fp8=fp8), "cutedsl", keep_weights=keep)
     for name, block in list(model.layers.named_children()):
         block = checkpoint_wrapper(block, preserve_rng_state=False) if full_ac else block
         model.layers.register_module(name, torch.compile(block, fullgraph=True))
@@ -115,3 +116,28 @@ def test_folded_weights_follow_optimizer_steps_and_load_state_dict(full_ac, keep
     leave_prepared_weights(model, 200, keep)
     model.load_state_dict(converted(seed=7, full_ac=full_ac).state_dict())
     assert_matches_fresh(model, full_ac, 3, folds)
+
+
+def test_fp8_weights_prepared_before_the_forward_follow_optimizer_steps():
+    """Under ``fp8 = "coda"`` the model's pre-forward hook casts every block's
+    four FP8 weights at once; after each optimizer step the model's loss and
+    gradients match a fresh model's whose blocks cast their own (its hook removed)."""
+    model = converted(seed=0, full_ac=True, fp8="coda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        prepare_fp8_weights(model, ())
+        assert prepared_weights.count() == 4 * ARGS.n_layers
+        prepare_fp8_weights(model, ())  # all held: none built again
+        assert prepared_weights.count() == 4 * ARGS.n_layers
+        fresh = converted(seed=99, full_ac=True, fp8="coda")
+        fresh.load_state_dict(model.state_dict())
+        fresh._forward_pre_hooks.clear()
+        loss, grads = loss_and_grads(model, step)
+        assert prepared_weights.count() == 0  # the dgrads released them
+        fresh_loss, fresh_grads = loss_and_grads(fresh, step)
+        assert abs(loss - fresh_loss) < 1e-4, (loss, fresh_loss)
+        errors = {n: rel_err(grads[n], fresh_grads[n]) for n in grads}
+        assert max(errors.values()) < 1e-3, errors
+        model(batch(100 + step)[0])  # a forward whose backward never comes
+        optimizer.step()
+        assert prepared_weights.count() == 0

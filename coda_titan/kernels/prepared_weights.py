@@ -6,7 +6,9 @@ depends only on the parameters, so with ``keep`` it is built on first use after
 a parameter update and reused by the activation-checkpointing recompute and
 the backward's dgrad, instead of once by each (three times per layer under
 full AC). The FP8 kernels' weights (folded, cast to e4m3 in the forward's
-orientation, with their scale) are prepared the same way, under their own tag.
+orientation, with their scale) are prepared the same way, under their own tag,
+or all of a model's at once before its forward (``hold``, from
+``cutedsl.fp8_operands.prepare_weights``).
 
 A stale entry is never read:
 - every ``torch.optim`` optimizer step drops all entries (a global step hook:
@@ -46,29 +48,43 @@ def _valid(entry, sources: Sequence[torch.Tensor]) -> bool:
             and versions == tuple(s._version for s in sources))
 
 
-def prepared(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], torch.Tensor],
-             keep: bool = True) -> torch.Tensor:
-    """``build()``, the prepared form ``tag`` of ``sources``, reused while the
-    sources are unchanged (``keep``) or built afresh (not ``keep``)."""
+def held(tag: str, sources: Sequence[torch.Tensor]):
+    """The prepared form ``tag`` of ``sources`` where one is held and still valid, else
+    None (a stale one dropped, so it is freed before a new one is built)."""
     key = _key(tag, sources)
     entry = _ENTRIES.get(key)
     if entry is not None and _valid(entry, sources):
         return entry[2]
     _ENTRIES.pop(key, None)
+    return None
+
+
+def hold(tag: str, sources: Sequence[torch.Tensor], weight) -> None:
+    """Hold ``weight`` as the prepared form ``tag`` of ``sources`` (replacing any)."""
+    global _SWEEP_AT
+    # Entries whose sources died (a per-call cast of float32 parameters under
+    # autocast, a model deleted between optimizer steps) would pin their
+    # weights; sweeping them only when the table has doubled keeps the host
+    # cost per build constant (a sweep on every build walked about 19,000
+    # weak references a step at 8B, in a host-bound step).
+    if len(_ENTRIES) >= _SWEEP_AT:
+        for dead in [k for k, e in _ENTRIES.items() if any(r.expired() for r in e[1])]:
+            del _ENTRIES[dead]
+        _SWEEP_AT = max(_MIN_SWEEP, 2 * len(_ENTRIES))
+    _ENTRIES[_key(tag, sources)] = (tuple(s._version for s in sources),
+                                    [StorageWeakRef(s.untyped_storage()) for s in sources], weight)
+
+
+def prepared(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], torch.Tensor],
+             keep: bool = True) -> torch.Tensor:
+    """``build()``, the prepared form ``tag`` of ``sources``, reused while the
+    sources are unchanged (``keep``) or built afresh (not ``keep``)."""
+    weight = held(tag, sources)
+    if weight is not None:
+        return weight
     weight = build()
     if keep:
-        global _SWEEP_AT
-        # Entries whose sources died (a per-call cast of float32 parameters under
-        # autocast, a model deleted between optimizer steps) would pin their
-        # weights; sweeping them only when the table has doubled keeps the host
-        # cost per build constant (a sweep on every build walked about 19,000
-        # weak references a step at 8B, in a host-bound step).
-        if len(_ENTRIES) >= _SWEEP_AT:
-            for dead in [k for k, e in _ENTRIES.items() if any(r.expired() for r in e[1])]:
-                del _ENTRIES[dead]
-            _SWEEP_AT = max(_MIN_SWEEP, 2 * len(_ENTRIES))
-        _ENTRIES[key] = (tuple(s._version for s in sources),
-                         [StorageWeakRef(s.untyped_storage()) for s in sources], weight)
+        hold(tag, sources, weight)
     return weight
 
 

@@ -94,6 +94,23 @@ class CodaTransformerBlock(TransformerBlock):
             return "tensorwise", None
         return ("delayed" if self.fp8_history_ready else "tensorwise"), self.fp8_amax_history
 
+    def fp8_weight_stacks(self) -> list[tuple[list[torch.Tensor], torch.Tensor | None, bool]]:
+        """The FP8 weights this block's fused GEMMs read, as ``(weights, norm weight,
+        interleaved)``, where the kernels keep them (``prepare_fp8_weights``)."""
+        if self.fp8 is None or self.backend != "cutedsl" or not self.keep_weights:
+            return []
+        attention, ffn, stacks = self.attention, self.feed_forward, []
+        if self.coda.fuse_norm_qkv_rope:
+            stacks.append(([attention.wq.weight, attention.wk.weight, attention.wv.weight],
+                           self.attention_norm.weight, False))
+        if self.coda.fuse_wo_residual:
+            stacks.append(([attention.wo.weight], None, False))
+        if self.coda.fuse_norm_swiglu_mlp:
+            stacks += [([ffn.w1.weight, ffn.w3.weight], self.ffn_norm.weight, True),
+                       ([ffn.w2.weight], None, False)]
+        return [([w.detach() for w in weights], None if g is None else g.detach(), interleave)
+                for weights, g, interleave in stacks]
+
     def forward(self, x, freqs_cis, attention_masks, positions=None):
         coda, attention = self.coda, self.attention
         fp8, history = self.fp8_recipe()
@@ -145,6 +162,22 @@ class CodaTransformerBlock(TransformerBlock):
                 h, norm.weight, w1, w3, w2, resolve_eps(norm.eps, x.dtype), sumsq=sumsq,
                 history=history,
             )
+
+
+def prepare_fp8_weights(model: torch.nn.Module, _args) -> None:
+    """Forward pre-hook of a model whose blocks run the FP8 kernels and keep their
+    weights (``converter.convert_model``): every block's FP8 weights are cast
+    together before the first block runs, instead of four weights' launches in
+    each block's forward, where the host is the limit (``fp8_operands.prepare_weights``).
+    Without gradients (evaluation) the blocks keep nothing, so nothing is prepared."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    stacks = [stack for block in model.modules() if isinstance(block, CodaTransformerBlock)
+              for stack in block.fp8_weight_stacks()]
+    if stacks:
+        from ..kernels.cutedsl.fp8_operands import prepare_weights
+
+        prepare_weights(stacks)
 
 
 def _history_loaded(block: CodaTransformerBlock, _incompatible_keys) -> None:

@@ -19,6 +19,11 @@ is cast in the orientations its GEMMs contract it along:
   projections and fold the norm weight in as they load (``quantize_stacked``):
   the bf16 ``W'`` a separate fold wrote and both passes read is never stored,
   and a compiled fold's host call (~150 us) no longer stalls the forward.
+  Where the weights are kept, the model casts every block's before the first
+  block runs (``prepare_weights``, from ``layers.block.prepare_fp8_weights``):
+  each layout's weights of all layers in one amax and one cast launch, through
+  a table of their addresses (``quantize_stacked_group``), so the forward,
+  where the host is the limit, no longer launches four weights' casts per block.
 
 The epilogue GEMMs (forward, and the dgrads of the three fused ops: K = D, F
 or 2F) run quack's fast accumulation; torchao keeps its dgrads accurate, but
@@ -42,7 +47,8 @@ import triton
 import triton.language as tl
 
 from ..fp8 import AMAX_FLOOR, FORMATS, HISTORY
-from ..prepared_weights import prepared, taken
+from ..prepared_weights import held, hold, prepared, taken
+from .gemm import unsupported_reason
 
 CAST_BLOCK = 128
 
@@ -123,6 +129,21 @@ def _cast_kernel(x_ptr, x1_ptr, x2_ptr, g_ptr, amax_ptr, history_ptr, q_ptr, qt_
         amax = tl.max(tl.load(history_ptr + 1 + tl.arange(0, HISTORY)))
     else:
         amax = tl.load(amax_ptr)
+    x, scale = _scaled_tile(x_ptr, x1_ptr, x2_ptr, g_ptr, amax, q_ptr, qt_ptr, m, n, n0, n1,
+                            qt_cols, fmax, floor, SOURCES, INTERLEAVE, FOLD, ROWS, COLS, BLOCK)
+    if RECORD:
+        tl.atomic_max(history_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(inv_scale_ptr, 1.0 / scale)
+        if TIMES:
+            tl.store(dq_ptr, tl.load(times_ptr) / scale)
+
+
+@triton.jit
+def _scaled_tile(x_ptr, x1_ptr, x2_ptr, g_ptr, amax, q_ptr, qt_ptr, m, n, n0, n1, qt_cols, fmax,
+                 floor, SOURCES: tl.constexpr, INTERLEAVE: tl.constexpr, FOLD: tl.constexpr,
+                 ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """``_cast_kernel``'s tile from the given ``amax``; returns the tile (fp32) and the scale."""
     scale = tl.where(amax > 0, fmax / tl.maximum(amax, floor), 1.0)
     x, rm, rn = _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE, FOLD, BLOCK)
     y = tl.clamp(x * scale, -fmax, fmax)
@@ -133,12 +154,52 @@ def _cast_kernel(x_ptr, x1_ptr, x2_ptr, g_ptr, amax_ptr, history_ptr, q_ptr, qt_
         tl.store(qt_ptr + rn[:, None] * qt_cols + rm[None, :],
                  tl.trans(y).to(qt_ptr.dtype.element_ty),
                  mask=(rn[:, None] < n) & (rm[None, :] < qt_cols))
-    if RECORD:
-        tl.atomic_max(history_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
+    return x, scale
+
+
+# The grouped weight casts' pointer table: per weight, its (up to three) stacked
+# sources, its norm weight and its FP8 output, as int64 addresses.
+_GROUP_POINTERS = tl.constexpr(5)
+# Their scales 16 bytes apart: cuBLAS (``scaled_mm``) takes no less aligned a scale.
+_SCALE_STRIDE = tl.constexpr(4)
+
+
+@triton.jit
+def _group_pointers(table_ptr):
+    """This program's weight's pointers (``tl.program_id(2)``: its row of the table),
+    declared 16-byte aligned as the allocator's are (``quantize_stacked_group``
+    checks): without it, Triton cannot vectorize the loads and stores of
+    pointers it did not specialize on, and the casts ran three times slower."""
+    row = table_ptr + tl.program_id(2) * _GROUP_POINTERS
+    bf16 = tl.pointer_type(tl.bfloat16)
+    return (tl.multiple_of(tl.load(row).to(bf16, bitcast=True), 16),
+            tl.multiple_of(tl.load(row + 1).to(bf16, bitcast=True), 16),
+            tl.multiple_of(tl.load(row + 2).to(bf16, bitcast=True), 16),
+            tl.multiple_of(tl.load(row + 3).to(bf16, bitcast=True), 16),
+            tl.multiple_of(tl.load(row + 4).to(tl.pointer_type(tl.float8e4nv), bitcast=True), 16))
+
+
+@triton.jit
+def _amax_group_kernel(table_ptr, amax_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
+                       INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr):
+    """``_amax_kernel`` for a group of equally shaped weights, ``amax[program_id(2)]``."""
+    x_ptr, x1_ptr, x2_ptr, g_ptr, _ = _group_pointers(table_ptr)
+    x, _, _ = _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE, FOLD, BLOCK)
+    tl.atomic_max(amax_ptr + tl.program_id(2), tl.max(tl.max(tl.abs(x), 1), 0))
+
+
+@triton.jit
+def _cast_group_kernel(table_ptr, amax_ptr, inv_scale_ptr, m, n, n0, n1, fmax, floor,
+                       SOURCES: tl.constexpr, INTERLEAVE: tl.constexpr, FOLD: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """``_cast_kernel`` (rows only, tensorwise) for a group of equally shaped weights."""
+    x_ptr, x1_ptr, x2_ptr, g_ptr, q_ptr = _group_pointers(table_ptr)
+    weight = tl.program_id(2)
+    _, scale = _scaled_tile(x_ptr, x1_ptr, x2_ptr, g_ptr, tl.load(amax_ptr + weight), q_ptr,
+                            q_ptr, m, n, n0, n1, 0, fmax, floor, SOURCES, INTERLEAVE, FOLD, True,
+                            False, BLOCK)
     if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-        tl.store(inv_scale_ptr, 1.0 / scale)
-        if TIMES:
-            tl.store(dq_ptr, tl.load(times_ptr) / scale)
+        tl.store(inv_scale_ptr + weight * _SCALE_STRIDE, 1.0 / scale)
 
 
 def quantize(x: torch.Tensor, kind: str, recipe: str = "tensorwise",
@@ -163,6 +224,54 @@ def quantize_stacked(weights: list[torch.Tensor], norm_weight: torch.Tensor | No
     """``stack_rows(weights, interleave) [* norm_weight]`` (folded as
     ``fold_norm_weight`` folds) cast to e4m3, tensorwise, without writing the
     stacked bf16 weight: the amax pass and the cast read the sources."""
+    _check_stacked(weights, norm_weight, interleave)
+    return _cast([w.contiguous() for w in weights],
+                 None if norm_weight is None else norm_weight.contiguous(), interleave, "weight",
+                 False, None, rows, cols, None)
+
+
+def quantize_stacked_group(stacks: list[tuple[list[torch.Tensor], torch.Tensor | None]],
+                           interleave: bool) -> list[Fp8Operand]:
+    """``quantize_stacked(weights, norm_weight, interleave)`` (rows) of each
+    ``(weights, norm_weight)`` of ``stacks``, all of one shape and folded or all
+    not, in three launches for all of them (zeroed amaxes, the amax pass, the
+    cast): built together, the weights of every layer cost the host what one
+    layer's did."""
+    for weights, norm_weight in stacks:
+        _check_stacked(weights, norm_weight, interleave)
+    layouts = {(tuple(tuple(w.shape) for w in weights), norm_weight is None)
+               for weights, norm_weight in stacks}
+    sources = [t for weights, norm_weight in stacks
+               for t in [*weights, *([] if norm_weight is None else [norm_weight])]]
+    if len(layouts) > 1 or any(t.dtype != torch.bfloat16 or not t.is_contiguous()
+                               or t.data_ptr() % 16 for t in sources):
+        raise ValueError(f"grouped FP8 weight cast of layouts {sorted(layouts, key=str)}: the "
+                         f"weights of a group must be one layout, contiguous bfloat16, "
+                         f"16-byte aligned")
+    (shapes, unfolded), = layouts
+    device, (m, n) = sources[0].device, (sum(s[0] for s in shapes), shapes[0][1])
+    dtype = FORMATS["weight"]
+    outputs = [torch.empty(m, n, dtype=dtype, device=device) for _ in stacks]
+    table = torch.tensor(
+        [[t.data_ptr() for t in (weights + weights[:1] * 2)[:3]]
+         + [(weights[0] if norm_weight is None else norm_weight).data_ptr(), q.data_ptr()]
+         for (weights, norm_weight), q in zip(stacks, outputs)], dtype=torch.int64)
+    # From pinned memory, so the copy does not wait for the queued kernels.
+    table = (table.pin_memory() if device.type == "cuda" else table).to(device, non_blocking=True)
+    amax = torch.zeros(len(stacks), dtype=torch.float32, device=device)
+    inv_scale = torch.empty(len(stacks), _SCALE_STRIDE.value, dtype=torch.float32, device=device)
+    n0, n1 = ([s[0] for s in shapes] + [0])[:2]
+    layout = dict(SOURCES=len(shapes), INTERLEAVE=interleave, FOLD=not unfolded,
+                  BLOCK=CAST_BLOCK, num_warps=8)
+    grid = (triton.cdiv(m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK), len(stacks))
+    _amax_group_kernel[grid](table, amax, m, n, n0, n1, **layout)
+    _cast_group_kernel[grid](table, amax, inv_scale, m, n, n0, n1, torch.finfo(dtype).max,
+                             AMAX_FLOOR, **layout)
+    return [Fp8Operand(q, None, inv_scale[i, :1]) for i, q in enumerate(outputs)]
+
+
+def _check_stacked(weights: list[torch.Tensor], norm_weight: torch.Tensor | None,
+                   interleave: bool) -> None:
     shapes = [tuple(w.shape) for w in weights]
     if not 1 <= len(weights) <= 3 or (interleave and len({s[0] for s in shapes}) > 1):
         raise ValueError(f"stacked FP8 cast of weights {shapes}: it takes one to three, "
@@ -175,9 +284,6 @@ def quantize_stacked(weights: list[torch.Tensor], norm_weight: torch.Tensor | No
                          f"shape {None if norm_weight is None else tuple(norm_weight.shape)}: "
                          f"the weights must be 2-D with the same columns and dtype, the norm "
                          f"weight one entry per column")
-    return _cast([w.contiguous() for w in weights],
-                 None if norm_weight is None else norm_weight.contiguous(), interleave, "weight",
-                 False, None, rows, cols, None)
 
 
 def _cast(sources: list[torch.Tensor], norm_weight: torch.Tensor | None, interleave: bool,
@@ -255,12 +361,40 @@ def weight(weights: list[torch.Tensor], norm_weight: torch.Tensor | None, interl
     def build(rows=True):
         return quantize_stacked(weights, norm_weight, interleave, rows=rows, cols=not rows)
 
-    tag = f"fp8:{interleave}:{norm_weight is not None}"
-    sources = weights if norm_weight is None else [*weights, norm_weight]
+    tag, sources = _weight_key(weights, norm_weight, interleave)
     if not last:
         return prepared(tag, sources, build, keep)
     w = taken(tag, sources, lambda: build(rows=False))
     return w if w.cols is not None else Fp8Operand(None, transposed(w.rows), w.inv_scale)
+
+
+def _weight_key(weights: list[torch.Tensor], norm_weight: torch.Tensor | None,
+                interleave: bool) -> tuple[str, list[torch.Tensor]]:
+    """The prepared-weight tag and sources of ``weight``'s FP8 weight (the bf16
+    fold's tag differs)."""
+    tag = f"fp8:{interleave}:{norm_weight is not None}"
+    return tag, weights if norm_weight is None else [*weights, norm_weight]
+
+
+def prepare_weights(stacks: list[tuple[list[torch.Tensor], torch.Tensor | None, bool]]) -> None:
+    """Prepare (``keep``) the FP8 forward weights ``weight`` will be asked for, of
+    each ``(weights, norm_weight, interleave)`` of ``stacks`` not prepared already,
+    cast in groups of one layout (``quantize_stacked_group``): a model's layers
+    all at once, at the first forward after an optimizer step, where the host
+    would otherwise spend four weight builds' launches in every block's forward."""
+    groups = {}
+    for weights, norm_weight, interleave in stacks:
+        tag, sources = _weight_key(weights, norm_weight, interleave)
+        # Weights the kernels would not take (their ops run the reference) are left out.
+        if (unsupported_reason(weights=tuple(sources), fp8="tensorwise") is None
+                and held(tag, sources) is None):
+            layout = (tag, tuple(tuple(w.shape) for w in weights))
+            groups.setdefault(layout, []).append((weights, norm_weight, interleave))
+    for group in groups.values():
+        interleave = group[0][2]
+        built = quantize_stacked_group([(w, g) for w, g, _ in group], interleave)
+        for (weights, norm_weight, _), w in zip(group, built):
+            hold(*_weight_key(weights, norm_weight, interleave), w)
 
 
 def wgrad(grad: Fp8Operand, x: torch.Tensor, recipe: str,
