@@ -116,6 +116,14 @@ class CodaConverter:
                 'them there. Use "default" or "never", or set fuse_norm_output_loss = false'
             )
         self._check_fp8_converters(coda, job_config)
+        if (coda.fp8 == "coda" and coda.fp8_recipe == "delayed"
+                and job_config.training.enable_cpu_offload):
+            raise ValueError(
+                '[coda] fp8_recipe = "delayed" records amaxes on the GPU, into each block\'s '
+                'amax history buffer; [training] enable_cpu_offload builds the model on the '
+                'CPU, where those buffers would stay. Use fp8_recipe = "tensorwise" with CPU '
+                'offload'
+            )
         self.coda = coda
         self.float8_filters = (job_config.quantize.linear.float8.filter_fqns
                                if FLOAT8_CONVERTER in job_config.model.converters else None)

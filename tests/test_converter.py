@@ -191,8 +191,10 @@ FUSED_FILTER = "--quantize.linear.float8.filter_fqns=attention.wq,attention.wk,a
         ([f"--model.converters=coda,{FP8}", FUSED_FILTER, "--coda.no-fuse-wo-residual"], "fp8 = 'none'"),
         ([f"--model.converters={FP8},coda", "--coda.fp8=torchao", FUSED_FILTER,
           "--coda.no-fuse-wo-residual"], "before"),
+        (["--coda.fp8=coda", "--coda.fp8_recipe=delayed", "--training.enable_cpu_offload"],
+         "enable_cpu_offload builds the model on the CPU"),
     ],
-    ids=["fp8_without_converter", "converter_without_fp8", "wrong_order"],
+    ids=["fp8_without_converter", "converter_without_fp8", "wrong_order", "delayed_cpu_offload"],
 )
 def test_fp8_combination_checks(args, message):
     with pytest.raises(ValueError, match=message):
