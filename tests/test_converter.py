@@ -373,23 +373,34 @@ def test_folded_weights_kept_across_passes_without_ac_or_under_full_ac_and_dropp
                                                      ("coda", "reference", True, False),
                                                      ("none", "cutedsl", True, False)])
 def test_fp8_weights_prepared_before_the_forward_only_where_the_kernels_keep_them(
-        fp8, backend, keep, hooked):
+        fp8, backend, keep, hooked, monkeypatch):
     """The model's pre-forward build of every block's FP8 weights is there for the
     FP8 kernels that keep their weights, and lists each block's four fused GEMM
-    weights (the GPU test checks what it builds)."""
+    weights, but those of an op whose weights the kernels would not take, judged
+    as the op judges them (the GPU test checks what it builds)."""
+    from coda_titan.layers import block as block_module
     from coda_titan.layers.block import prepare_fp8_weights
 
     model = make_model(dtype=torch.bfloat16)
     convert_model(model, Coda(fp8=fp8, backend=backend), backend, "sdpa", keep_weights=keep)
     assert (prepare_fp8_weights in model._forward_pre_hooks.values()) is hooked
+    # as on an SM90 GPU: the kernels take these weights
+    monkeypatch.setattr(block_module, "unsupported_reason", lambda weights, fp8: None)
     stacks = [s for block in model.layers.values() for s in block.fp8_weight_stacks()]
     assert len(stacks) == (4 * len(model.layers) if hooked else 0)
-    if hooked:
-        block = model.layers["0"]
-        (qkv, g, qkv_interleaved), (wo, none, _), (w13, g2, interleaved), _ = stacks[:4]
-        assert [w.data_ptr() for w in qkv] == [block.attention.wq.weight.data_ptr(),
-                                               block.attention.wk.weight.data_ptr(),
-                                               block.attention.wv.weight.data_ptr()]
-        assert g.data_ptr() == block.attention_norm.weight.data_ptr() and not qkv_interleaved
-        assert [w.data_ptr() for w in wo] == [block.attention.wo.weight.data_ptr()]
-        assert none is None and interleaved and g2.data_ptr() == block.ffn_norm.weight.data_ptr()
+    if not hooked:
+        return
+    block = model.layers["0"]
+    (qkv, g, qkv_interleaved), (wo, none, _), (w13, g2, interleaved), (w2, _, _) = stacks[:4]
+    assert [w.data_ptr() for w in qkv] == [block.attention.wq.weight.data_ptr(),
+                                           block.attention.wk.weight.data_ptr(),
+                                           block.attention.wv.weight.data_ptr()]
+    assert g.data_ptr() == block.attention_norm.weight.data_ptr() and not qkv_interleaved
+    assert [w.data_ptr() for w in wo] == [block.attention.wo.weight.data_ptr()]
+    assert none is None and interleaved and g2.data_ptr() == block.ffn_norm.weight.data_ptr()
+    # The MLP op checks w1, w3 and w2 together: one it cannot take drops both stacks.
+    w2_ptr = w2[0].data_ptr()
+    monkeypatch.setattr(block_module, "unsupported_reason", lambda weights, fp8: (
+        "w2" if w2_ptr in [w.data_ptr() for w in weights] else None))
+    kept = block.fp8_weight_stacks()
+    assert [len(ws) for ws, _, _ in kept] == [3, 1]

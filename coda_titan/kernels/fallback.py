@@ -8,7 +8,8 @@ made in the layer's forward, which torch.compile traces, and a compiled graph
 keeps no Python side effects such as logging; Dynamo therefore runs
 ``report_fallback`` itself while it traces (as a function whose result is a
 constant), so a compiled run reports, or fails, at its first call as an eager
-one does.
+one does. ``unsupported_reason`` is the SM90 kernels' check (the block also
+asks it before it prepares their FP8 weights).
 """
 
 import torch
@@ -37,3 +38,33 @@ def report_fallback(op: str, reason: str, strict: bool) -> None:
         return
     _reported.add((op, reason))
     logger.warning(f"CODA {op}: kernel skipped ({reason}); running the PyTorch reference")
+
+
+def unsupported_reason(*activations: torch.Tensor, weights: tuple = (),
+                       any_rows: bool = False, fp8: str | None = None) -> str | None:
+    """Why these operands cannot go to the SM90 kernels, or None.
+
+    Every dimension of a weight is a row stride or a column count of some
+    GEMM operand or output, so each must be a multiple of 8 (16 bytes); of an
+    activation only the last one is (M is free). ``any_rows``: the op pads
+    the outputs whose width is a weight's row count (the LM head's vocab),
+    so only the weights' last dimension must be a multiple of 8. Under an FP8
+    recipe they must be multiples of 16 (16 bytes of FP8; cuBLAS FP8 asks it too).
+    """
+    for t in (*activations, *weights):
+        if not t.is_cuda:
+            return "tensor not on a CUDA device"
+        if t.dtype != torch.bfloat16:
+            return f"dtype {t.dtype} (the kernels take bfloat16)"
+        if not t.is_contiguous():
+            return "non-contiguous tensor"
+        if t.numel() == 0:
+            return "empty tensor"
+    align = 8 if fp8 is None else 16
+    for t in activations:
+        if t.shape[-1] % align != 0:
+            return f"dimension {t.shape[-1]} not a multiple of {align}"
+    for w in weights:
+        if any(n % align for n in (w.shape[-1:] if any_rows else w.shape)):
+            return f"weight shape {tuple(w.shape)} not a multiple of {align}"
+    return None

@@ -30,6 +30,7 @@ from ..backend import resolve_attention, resolve_backend
 from ..config import Coda
 from ..kernels import attention_for, ops_for, token_positions
 from ..kernels.deferred_rmsnorm import resolve_eps
+from ..kernels.fallback import unsupported_reason
 from ..kernels.fp8 import HISTORY, HISTORY_SITES
 from .autocast import compute_weights, outside_autocast
 
@@ -96,20 +97,25 @@ class CodaTransformerBlock(TransformerBlock):
 
     def fp8_weight_stacks(self) -> list[tuple[list[torch.Tensor], torch.Tensor | None, bool]]:
         """The FP8 weights this block's fused GEMMs read, as ``(weights, norm weight,
-        interleaved)``, where the kernels keep them (``prepare_fp8_weights``)."""
+        interleaved)``, where the kernels keep them (``prepare_fp8_weights``): those of
+        each fused op whose weights the kernels take, checked as the op checks them
+        (an op that falls back to the reference for its activations leaves its
+        prepared weights unread until the optimizer step drops them)."""
         if self.fp8 is None or self.backend != "cutedsl" or not self.keep_weights:
             return []
-        attention, ffn, stacks = self.attention, self.feed_forward, []
+        attention, ffn, ops = self.attention, self.feed_forward, []
         if self.coda.fuse_norm_qkv_rope:
-            stacks.append(([attention.wq.weight, attention.wk.weight, attention.wv.weight],
-                           self.attention_norm.weight, False))
+            ops.append([([attention.wq.weight, attention.wk.weight, attention.wv.weight],
+                         self.attention_norm.weight, False)])
         if self.coda.fuse_wo_residual:
-            stacks.append(([attention.wo.weight], None, False))
+            ops.append([([attention.wo.weight], None, False)])
         if self.coda.fuse_norm_swiglu_mlp:
-            stacks += [([ffn.w1.weight, ffn.w3.weight], self.ffn_norm.weight, True),
-                       ([ffn.w2.weight], None, False)]
-        return [([w.detach() for w in weights], None if g is None else g.detach(), interleave)
-                for weights, g, interleave in stacks]
+            ops.append([([ffn.w1.weight, ffn.w3.weight], self.ffn_norm.weight, True),
+                        ([ffn.w2.weight], None, False)])
+        return [stack for stacks in ops
+                if unsupported_reason(weights=tuple(w for ws, _, _ in stacks for w in ws),
+                                      fp8=self.fp8) is None
+                for stack in stacks]
 
     def forward(self, x, freqs_cis, attention_masks, positions=None):
         coda, attention = self.coda, self.attention

@@ -48,7 +48,6 @@ import triton.language as tl
 
 from ..fp8 import AMAX_FLOOR, FORMATS, HISTORY
 from ..prepared_weights import held, hold, prepared, taken
-from .gemm import unsupported_reason
 
 CAST_BLOCK = 128
 
@@ -235,21 +234,21 @@ def quantize_stacked_group(stacks: list[tuple[list[torch.Tensor], torch.Tensor |
     """``quantize_stacked(weights, norm_weight, interleave)`` (rows) of each
     ``(weights, norm_weight)`` of ``stacks``, all of one shape and folded or all
     not, in three launches for all of them (zeroed amaxes, the amax pass, the
-    cast): built together, the weights of every layer cost the host what one
-    layer's did."""
+    cast) and the copy of their address table: built together, the weights of
+    every layer cost the host what one layer's did."""
     for weights, norm_weight in stacks:
         _check_stacked(weights, norm_weight, interleave)
     layouts = {(tuple(tuple(w.shape) for w in weights), norm_weight is None)
                for weights, norm_weight in stacks}
     sources = [t for weights, norm_weight in stacks
                for t in [*weights, *([] if norm_weight is None else [norm_weight])]]
-    if len(layouts) > 1 or any(t.dtype != torch.bfloat16 or not t.is_contiguous()
-                               or t.data_ptr() % 16 for t in sources):
+    if len(layouts) > 1 or not _group_readable(sources):
         raise ValueError(f"grouped FP8 weight cast of layouts {sorted(layouts, key=str)}: the "
                          f"weights of a group must be one layout, contiguous bfloat16, "
                          f"16-byte aligned")
     (shapes, unfolded), = layouts
     device, (m, n) = sources[0].device, (sum(s[0] for s in shapes), shapes[0][1])
+    _check_indexable(m, n)
     dtype = FORMATS["weight"]
     outputs = [torch.empty(m, n, dtype=dtype, device=device) for _ in stacks]
     table = torch.tensor(
@@ -260,14 +259,36 @@ def quantize_stacked_group(stacks: list[tuple[list[torch.Tensor], torch.Tensor |
     table = (table.pin_memory() if device.type == "cuda" else table).to(device, non_blocking=True)
     amax = torch.zeros(len(stacks), dtype=torch.float32, device=device)
     inv_scale = torch.empty(len(stacks), _SCALE_STRIDE.value, dtype=torch.float32, device=device)
-    n0, n1 = ([s[0] for s in shapes] + [0])[:2]
-    layout = dict(SOURCES=len(shapes), INTERLEAVE=interleave, FOLD=not unfolded,
-                  BLOCK=CAST_BLOCK, num_warps=8)
+    n0, n1 = _stacked_rows(shapes)
+    layout = _layout(len(shapes), interleave, not unfolded)
     grid = (triton.cdiv(m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK), len(stacks))
     _amax_group_kernel[grid](table, amax, m, n, n0, n1, **layout)
     _cast_group_kernel[grid](table, amax, inv_scale, m, n, n0, n1, torch.finfo(dtype).max,
                              AMAX_FLOOR, **layout)
     return [Fp8Operand(q, None, inv_scale[i, :1]) for i, q in enumerate(outputs)]
+
+
+def _group_readable(sources: list[torch.Tensor]) -> bool:
+    """Whether the group cast can read these tensors through bare addresses."""
+    return all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.data_ptr() % 16 == 0
+               for t in sources)
+
+
+def _check_indexable(m: int, n: int) -> None:
+    if (m + 16) * n >= 2**31:
+        raise ValueError(f"FP8 cast of a {m} x {n} tensor: the cast kernel indexes in int32, "
+                         f"so an operand must have under 2**31 elements; use fewer tokens per "
+                         f"micro-batch")
+
+
+def _stacked_rows(shapes) -> tuple[int, int]:
+    """``n0``, ``n1`` of the cast kernels: the rows of the first two stacked sources."""
+    return tuple(([s[0] for s in shapes] + [0])[:2])
+
+
+def _layout(sources: int, interleave: bool, fold: bool) -> dict:
+    """The cast kernels' layout constants and launch width."""
+    return dict(SOURCES=sources, INTERLEAVE=interleave, FOLD=fold, BLOCK=CAST_BLOCK, num_warps=8)
 
 
 def _check_stacked(weights: list[torch.Tensor], norm_weight: torch.Tensor | None,
@@ -291,10 +312,7 @@ def _cast(sources: list[torch.Tensor], norm_weight: torch.Tensor | None, interle
           times: torch.Tensor | None) -> Fp8Operand:
     dtype, device = FORMATS[kind], sources[0].device
     m, n = sum(s.shape[0] for s in sources), sources[0].shape[1]
-    if (m + 16) * n >= 2**31:
-        raise ValueError(f"FP8 cast of a {m} x {n} tensor: the cast kernel indexes in int32, "
-                         f"so an operand must have under 2**31 elements; use fewer tokens per "
-                         f"micro-batch")
+    _check_indexable(m, n)
     # cuBLAS FP8 wants K (for ``cols``: the wgrads' tokens) a multiple of 16; the
     # zero columns of the padding add nothing to the sums.
     padded = m + -m % 16
@@ -304,10 +322,9 @@ def _cast(sources: list[torch.Tensor], norm_weight: torch.Tensor | None, interle
     dq = None if times is None else torch.empty(1, dtype=torch.float32, device=device)
     unused = inv_scale  # a pointer for the arguments a variant does not read
     x, x1, x2 = (sources + [unused] * 2)[:3]
-    layout = dict(SOURCES=len(sources), INTERLEAVE=interleave, FOLD=norm_weight is not None,
-                  BLOCK=CAST_BLOCK, num_warps=8)
+    layout = _layout(len(sources), interleave, norm_weight is not None)
     stacked = (x, x1, x2, unused if norm_weight is None else norm_weight)
-    n0, n1 = ([s.shape[0] for s in sources] + [0])[:2]
+    n0, n1 = _stacked_rows([s.shape for s in sources])
     amax = None
     if not delayed:
         amax = torch.zeros(1, dtype=torch.float32, device=device)
@@ -378,16 +395,18 @@ def _weight_key(weights: list[torch.Tensor], norm_weight: torch.Tensor | None,
 
 def prepare_weights(stacks: list[tuple[list[torch.Tensor], torch.Tensor | None, bool]]) -> None:
     """Prepare (``keep``) the FP8 forward weights ``weight`` will be asked for, of
-    each ``(weights, norm_weight, interleave)`` of ``stacks`` not prepared already,
+    each ``(weights, norm_weight, interleave)`` of ``stacks`` not held already,
     cast in groups of one layout (``quantize_stacked_group``): a model's layers
-    all at once, at the first forward after an optimizer step, where the host
-    would otherwise spend four weight builds' launches in every block's forward."""
+    all at once, at each forward that finds them not held (the first after an
+    optimizer step; under gradient accumulation every micro-batch's, as the
+    dgrads release them), where the host would otherwise spend four weight
+    builds' launches in every block's forward. A stack the group cast cannot
+    read (not contiguous bfloat16 at 16-byte aligned addresses) is left to its
+    op, which casts it as it always could."""
     groups = {}
     for weights, norm_weight, interleave in stacks:
         tag, sources = _weight_key(weights, norm_weight, interleave)
-        # Weights the kernels would not take (their ops run the reference) are left out.
-        if (unsupported_reason(weights=tuple(sources), fp8="tensorwise") is None
-                and held(tag, sources) is None):
+        if _group_readable(sources) and held(tag, sources) is None:
             layout = (tag, tuple(tuple(w.shape) for w in weights))
             groups.setdefault(layout, []).append((weights, norm_weight, interleave))
     for group in groups.values():

@@ -1,11 +1,12 @@
-"""Shared pieces of the CuTe DSL ops: tile configs, input checks, fallback.
+"""Shared pieces of the CuTe DSL ops: tile configs, weight folds, operand alignment.
 
 Every kernel is a quack SM90 GEMM (WGMMA + TMA, persistent) with one of our
 epilogues, called with a fixed tile configuration (no autotuning on the
 training path). Inputs a kernel cannot take (not CUDA, not bf16, not
-contiguous, a dimension not a multiple of 8, or 16 under FP8) fall back to the PyTorch
-reference, reported once with the reason (``..fallback``), never a CUTLASS
-error; operands at an unaligned offset are copied inside the op.
+contiguous, a dimension not a multiple of 8, or 16 under FP8:
+``..fallback.unsupported_reason``) fall back to the PyTorch reference, reported
+once with the reason, never a CUTLASS error; operands at an unaligned offset
+are copied inside the op.
 """
 
 import torch
@@ -126,36 +127,6 @@ def tile_partials(rows: int, cols: int, cfg: dict, device: torch.device) -> torc
     """The fp32 (rows, N-tiles) buffer an epilogue reduces into, one partial per
     row and N-tile of a GEMM with ``cols`` output columns and tile config ``cfg``."""
     return torch.empty(rows, -(-cols // cfg["tile_N"]), dtype=torch.float32, device=device)
-
-
-def unsupported_reason(*activations: torch.Tensor, weights: tuple = (),
-                       any_rows: bool = False, fp8: str | None = None) -> str | None:
-    """Why these operands cannot go to the SM90 kernels, or None.
-
-    Every dimension of a weight is a row stride or a column count of some
-    GEMM operand or output, so each must be a multiple of 8 (16 bytes); of an
-    activation only the last one is (M is free). ``any_rows``: the op pads
-    the outputs whose width is a weight's row count (the LM head's vocab),
-    so only the weights' last dimension must be a multiple of 8. Under an FP8
-    recipe they must be multiples of 16 (16 bytes of FP8; cuBLAS FP8 asks it too).
-    """
-    for t in (*activations, *weights):
-        if not t.is_cuda:
-            return "tensor not on a CUDA device"
-        if t.dtype != torch.bfloat16:
-            return f"dtype {t.dtype} (the kernels take bfloat16)"
-        if not t.is_contiguous():
-            return "non-contiguous tensor"
-        if t.numel() == 0:
-            return "empty tensor"
-    align = 8 if fp8 is None else 16
-    for t in activations:
-        if t.shape[-1] % align != 0:
-            return f"dimension {t.shape[-1]} not a multiple of {align}"
-    for w in weights:
-        if any(n % align for n in (w.shape[-1:] if any_rows else w.shape)):
-            return f"weight shape {tuple(w.shape)} not a multiple of {align}"
-    return None
 
 
 def aligned(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:

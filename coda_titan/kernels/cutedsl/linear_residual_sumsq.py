@@ -12,11 +12,11 @@ import torch
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.ops import ColVecReduce, Scalar
 
-from ..fallback import fallback_recipe, report_fallback
+from ..fallback import fallback_recipe, report_fallback, unsupported_reason
 from ..fp8 import history_index
 from ..linear_residual_sumsq import linear_residual_sumsq as reference
 from . import fp8_operands
-from .gemm import TILES, aligned, tile_partials, unsupported_reason
+from .gemm import TILES, aligned, tile_partials
 
 O_ROW, DH_ROW = (history_index("linear_residual_sumsq", row) for row in ("o", "dh"))
 

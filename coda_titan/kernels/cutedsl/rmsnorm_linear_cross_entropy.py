@@ -27,12 +27,12 @@ from quack.epilogue import gemm_epilogue
 from quack.epilogue.library import identity_epi
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, ColVecSelect, OnlineLSEReduce
 
-from ..fallback import report_fallback
+from ..fallback import report_fallback, unsupported_reason
 from ..rmsnorm_linear_cross_entropy import (
     IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
 from .gemm import (
-    TILES, aligned, fold_weight, tile_partials, unfold_grads, unsupported_reason)
+    TILES, aligned, fold_weight, tile_partials, unfold_grads)
 from .row_kernels import row_rstd
 
 CFG_LOGITS = TILES["logits"]

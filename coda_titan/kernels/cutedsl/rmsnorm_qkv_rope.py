@@ -34,11 +34,11 @@ from quack.reduce import row_reduce
 from torch.utils.weak import WeakTensorKeyDictionary
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
-from ..fallback import fallback_recipe, report_fallback
+from ..fallback import fallback_recipe, report_fallback, unsupported_reason
 from ..fp8 import history_index
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from . import fp8_operands
-from .gemm import TILES, aligned, folded_weight, unfold_grads, unsupported_reason
+from .gemm import TILES, aligned, folded_weight, unfold_grads
 from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
 from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, row_rstd, vector
 

@@ -35,13 +35,13 @@ from quack.epilogue.math import pack, unpack
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, Scalar
 from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
-from ..fallback import fallback_recipe, report_fallback
+from ..fallback import fallback_recipe, report_fallback, unsupported_reason
 from ..fp8 import history_index
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from . import fp8_operands
 from .gemm import (
-    TILES, aligned, folded_weight, tile_partials, unfold_grads, unsupported_reason)
+    TILES, aligned, folded_weight, tile_partials, unfold_grads)
 from .linear_residual_sumsq import linear_residual_sumsq_fwd
 from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
 
