@@ -39,7 +39,8 @@ kernels' sum) is what the host's launches cost a host-bound step, and
 --host-profile N lists the N kernels the GPU waits longest before (idle gaps
 in the profiled step) and, per thread, the N Python lines the host spends most
 time in over one step and the N functions it spends most time within (sampled
-stacks, the backward's thread included), to find it. Writes benchmarks/results/step_<gpu>.{json,md}.
+stacks, the backward's thread included), to find it. Writes
+benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
   python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full
@@ -234,6 +235,14 @@ def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
     GPU work is asynchronous, so it is not in these times."""
     caller, done = threading.get_ident(), threading.Event()
     own, within, samples = collections.Counter(), collections.Counter(), collections.Counter()
+    # The caller's frames from here up are on every sample: not ranked.
+    here, names = sys._getframe(), {}
+
+    def name(code):
+        if code not in names:  # formatted once per function: the sampler holds the GIL
+            names[code] = (f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno}"
+                           f"({code.co_name})")
+        return names[code]
 
     def sample():
         me = threading.get_ident()
@@ -248,7 +257,7 @@ def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
                 code = frame.f_code
                 own[thread, f"{code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
                             f"({code.co_name})"] += 1
-                for function in set(map(_function_name, _stack(frame))):
+                for function in {name(f.f_code) for f in _stack(frame, here)}:
                     within[thread, function] += 1
             time.sleep(interval_s)
 
@@ -275,15 +284,11 @@ def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
                               key=lambda r: -r["share"])[:top]]
 
 
-def _stack(frame):
-    while frame is not None:
+def _stack(frame, stop):
+    """``frame`` and its callers, up to (not including) ``stop``."""
+    while frame is not None and frame is not stop:
         yield frame
         frame = frame.f_back
-
-
-def _function_name(frame) -> str:
-    code = frame.f_code
-    return f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno}({code.co_name})"
 
 
 def idle_gaps(prof, top: int) -> list[dict]:
@@ -400,8 +405,8 @@ def main():
     parser.add_argument("--top-kernels", type=int, default=0, help="print the N costliest kernels")
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="print (and record) the N kernels the GPU waits longest before and, "
-                             "per thread, the N Python lines with the most host time over one "
-                             "step")
+                             "per thread, the N Python lines and the N functions with the most "
+                             "host time over one step")
     parser.add_argument("--ac", default="none",
                         choices=("none", "full", "selective", "selective-op"),
                         help="TorchTitan activation checkpointing (8B takes full on 80 GB)")

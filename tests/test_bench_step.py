@@ -40,18 +40,19 @@ def test_host_profile_ranks_each_threads_lines_by_their_share():
         done.wait()
         helper.join()
 
-    rows = bench_step.host_profile(step, top=40)
+    rows = bench_step.host_profile(step, top=3)
     main = [r for r in rows if (r["thread"], r["kind"]) == ("main", "own")]
     native = [r for r in rows if (r["thread"], r["kind"]) == ("native", "own")]
-    assert {r["thread"] for r in rows} == {"main", "native"} and len(main) <= 40
+    assert {r["thread"] for r in rows} == {"main", "native"} and len(main) <= 3
     assert main[0]["function"].startswith("test_bench_step.py:")
     assert main[0]["function"].endswith("(_slow_launch)") and main[0]["share"] > 0.5
     assert 40 <= main[0]["ms"] <= 1.5 * 60 + 20
-    # within: the step (and its callers) on every main sample, _slow_launch on its own
-    within = {r["function"].rsplit("(", 1)[1]: r for r in rows
-              if (r["thread"], r["kind"]) == ("main", "within")}
-    assert within["step)"]["share"] > 0.95
-    assert abs(within["_slow_launch)"]["ms"] - main[0]["ms"]) < 0.1 * main[0]["ms"] + 5
+    # within: the step on every main sample (its callers, above the profiler, are
+    # not ranked), _slow_launch on its own samples
+    within = [r for r in rows if (r["thread"], r["kind"]) == ("main", "within")]
+    assert within[0]["function"].endswith("(step)") and within[0]["share"] > 0.95
+    assert within[1]["function"].endswith("(_slow_launch)")
+    assert abs(within[1]["ms"] - main[0]["ms"]) < 0.1 * main[0]["ms"] + 5
     assert [r["share"] for r in main] == sorted((r["share"] for r in main), reverse=True)
     assert native[0]["function"].endswith("(_backward_on_a_native_thread)")
     # its 30 ms, though it has a stack for only part of the call
