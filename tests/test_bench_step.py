@@ -49,10 +49,12 @@ def test_host_profile_ranks_each_threads_lines_by_their_share():
     assert 40 <= main[0]["ms"] <= 1.5 * 60 + 20
     # within: the step on every main sample (its callers, above the profiler, are
     # not ranked), _slow_launch on its own samples
-    within = [r for r in rows if (r["thread"], r["kind"]) == ("main", "within")]
-    assert within[0]["function"].endswith("(step)") and within[0]["share"] > 0.95
-    assert within[1]["function"].endswith("(_slow_launch)")
-    assert abs(within[1]["ms"] - main[0]["ms"]) < 0.1 * main[0]["ms"] + 5
+    within = {r["function"].rsplit("(", 1)[1]: r for r in rows
+              if (r["thread"], r["kind"]) == ("main", "within")}
+    assert "test_host_profile_ranks_each_threads_lines_by_their_share)" not in within
+    assert within["step)"]["share"] > 0.8
+    assert within["step)"]["share"] >= within["_slow_launch)"]["share"]
+    assert abs(within["_slow_launch)"]["ms"] - main[0]["ms"]) < 0.1 * main[0]["ms"] + 5
     assert [r["share"] for r in main] == sorted((r["share"] for r in main), reverse=True)
     assert native[0]["function"].endswith("(_backward_on_a_native_thread)")
     # its 30 ms, though it has a stack for only part of the call
