@@ -403,17 +403,16 @@ def prepare_weights(stacks: list[tuple[list[torch.Tensor], torch.Tensor | None, 
     builds' launches in every block's forward. A stack the group cast cannot
     read (not contiguous bfloat16 at 16-byte aligned addresses) is left to its
     op, which casts it as it always could."""
-    groups = {}
+    groups = {}  # by layout: the tag (which holds interleave and fold) and the shapes
     for weights, norm_weight, interleave in stacks:
         tag, sources = _weight_key(weights, norm_weight, interleave)
         if _group_readable(sources) and held(tag, sources) is None:
-            layout = (tag, tuple(tuple(w.shape) for w in weights))
-            groups.setdefault(layout, []).append((weights, norm_weight, interleave))
-    for group in groups.values():
-        interleave = group[0][2]
+            layout = (tag, interleave, tuple(tuple(w.shape) for w in weights))
+            groups.setdefault(layout, []).append((weights, norm_weight, sources))
+    for (tag, interleave, _), group in groups.items():
         built = quantize_stacked_group([(w, g) for w, g, _ in group], interleave)
-        for (weights, norm_weight, _), w in zip(group, built):
-            hold(*_weight_key(weights, norm_weight, interleave), w)
+        for (_, _, sources), w in zip(group, built):
+            hold(tag, sources, w)
 
 
 def wgrad(grad: Fp8Operand, x: torch.Tensor, recipe: str,
