@@ -4,12 +4,14 @@ One GEMM ``o @ Wo.T`` whose epilogue adds the residual (the C operand),
 stores ``h`` and reduces ``h**2`` per (row, N-tile) into fp32 partials; a
 tiny sum finalizes them. Backward is plain: ``dx = dh``, ``do = dh @ Wo``,
 ``dWo = dh.T @ o`` (cuBLAS). Also used for ``w2`` + residual, whose sum of
-squares the caller may ignore. Under the FP8 recipe (``fp8``) the GEMMs take
-FP8 operands (``.fp8_operands``) and the epilogue dequantizes the accumulator.
+squares nothing reads: there quack's ``scaled_residual`` epilogue stores ``h``
+alone. Under the FP8 recipe (``fp8``) the GEMMs take FP8 operands
+(``.fp8_operands``) and the epilogue dequantizes the accumulator.
 """
 
 import torch
 from quack.epilogue import gemm_epilogue
+from quack.epilogue.library import scaled_residual
 from quack.epilogue.ops import ColVecReduce, Scalar
 
 from ..fallback import fallback_recipe, report_fallback, unsupported_reason
@@ -29,19 +31,37 @@ def residual_sumsq_epi(acc, c, dq):
     return {"D": h, "sumsq": (h, h)}
 
 
-def residual_sumsq_gemm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
-                        dq: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x + dq * (a @ W.T), sum of squares per row)``; ``a`` and ``W`` bf16, or FP8
-    with ``dq = 1 / (s_a s_w)``. x and h may have leading dims, a is (M, K)."""
+def residual_gemm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor,
+                  dq: torch.Tensor | float = 1.0,
+                  sumsq: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x + dq * (a @ W.T), sum of squares per row or None)``; ``a`` and ``W`` bf16,
+    or FP8 with ``dq = 1 / (s_a s_w)``. x and h may have leading dims, a is (M, K)."""
     x, a, weight = aligned(x, a, weight)
     n, k = weight.shape
     cfg = TILES["residual_deep" if k > 2 * n else "residual_square"]
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    gemm = dict(post_init_attrs=fp8_operands.accumulation(a), **cfg)
+    if not sumsq:
+        scaled_residual.gemm(a, weight, h.view(-1, n), x.view(-1, n), epi_args=dict(alpha=dq),
+                             **gemm)
+        return h, None
     partials = tile_partials(a.shape[0], n, cfg, x.device)
     residual_sumsq_epi.gemm(a, weight, h.view(-1, n), x.view(-1, n),
-                            epi_args=dict(sumsq=partials, dq=dq),
-                            post_init_attrs=fp8_operands.accumulation(a), **cfg)
+                            epi_args=dict(sumsq=partials, dq=dq), **gemm)
     return h, partials.sum(-1)
+
+
+def linear_residual(x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str | None,
+                    keep: bool, history: torch.Tensor | None, row: int,
+                    sumsq: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``residual_gemm`` of ``o``, in bf16 or cast to FP8 under ``fp8`` with the FP8
+    weight (kept prepared with ``keep``) and ``history[row]``. A plain function, for
+    the custom ops to call (a nested custom op costs the host a second dispatch)."""
+    if fp8 is None:
+        return residual_gemm(x, o, weight, sumsq=sumsq)
+    w = fp8_operands.weight([weight], None, False, keep)
+    a = fp8_operands.quantize(o, "act", fp8, fp8_operands.row(history, row), times=w.inv_scale)
+    return residual_gemm(x, a.rows, w.rows, a.dq, sumsq=sumsq)
 
 
 # The amax history is written by the casts (an atomic max into the current
@@ -59,13 +79,8 @@ def linear_residual_sumsq_fwd(
     """h = x + o @ W.T and sum(h**2) per row; x and h may have leading dims
     (a block's output is no view then), o is (M, K). ``fp8``: the recipe or None;
     ``keep``: its FP8 weight stays prepared; ``history[row]``: ``o``'s amax history.
-    Its registered backward is wo's (rows ``o``, ``dh``); w2's use, inside the
-    MLP op, is covered by the MLP's backward."""
-    if fp8 is None:
-        return residual_sumsq_gemm(x, o, weight)
-    w = fp8_operands.weight([weight], None, False, keep)
-    a = fp8_operands.quantize(o, "act", fp8, fp8_operands.row(history, row), times=w.inv_scale)
-    return residual_sumsq_gemm(x, a.rows, w.rows, a.dq)
+    Its registered backward is wo's (rows ``o``, ``dh``)."""
+    return linear_residual(x, o, weight, fp8, keep, history, row)
 
 
 @linear_residual_sumsq_fwd.register_fake

@@ -42,7 +42,7 @@ from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from . import fp8_operands
 from .gemm import (
     TILES, aligned, folded_weight, tile_partials, unfold_grads)
-from .linear_residual_sumsq import linear_residual_sumsq_fwd
+from .linear_residual_sumsq import linear_residual
 from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
 
 CFG_UP = TILES["swiglu"]
@@ -149,7 +149,7 @@ def swiglu_down_residual(
 ) -> torch.Tensor:
     """out = h + act @ W2.T (h's shape); act, GU and r as ``rmsnorm_swiglu`` returned them
     for these h, norm weight, W1 and W3 (and ``keep``, ``fp8``, ``history``)."""
-    return linear_residual_sumsq_fwd(h, act, w2, fp8, keep, history, A_ROW)[0]
+    return linear_residual(h, act, w2, fp8, keep, history, A_ROW, sumsq=False)[0]
 
 
 @swiglu_down_residual.register_fake
