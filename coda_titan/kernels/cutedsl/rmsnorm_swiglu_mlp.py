@@ -3,12 +3,13 @@
 
 Gate and up rows are interleaved, ``W13 = [W1[0]; W3[0]; W1[1]; W3[1]; ...]``,
 and the norm weight is folded in (``W13 * g``, a weight-sized op), so each
-accumulator pair is ``(gate, up)`` of one hidden unit. Four GEMMs, each with our epilogue:
+accumulator pair is ``(gate, up)`` of one hidden unit. Four GEMMs, each with an epilogue:
 
 forward
   1. ``GU = h @ W13.T``; epilogue stores GU (unscaled pre-activation, saved)
      and ``a = silu(r*gate) * (r*up)``.
-  2. ``out = h + a @ W2.T`` (``linear_residual_sumsq``'s GEMM).
+  2. ``out = h + a @ W2.T`` (``linear_residual``, with quack's ``scaled_residual``
+     epilogue: nothing reads this sum of squares).
 backward
   3. ``da = dout @ W2``; epilogue reads GU, recomputes ``a`` (for dW2), and
      writes ``dGU = r * dz`` plus ``dL/dr = sum(dz * GU)`` partials (ZdZ:
