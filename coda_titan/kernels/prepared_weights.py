@@ -51,6 +51,8 @@ def _valid(entry, sources: Sequence[torch.Tensor]) -> bool:
 def held(tag: str, sources: Sequence[torch.Tensor]):
     """The prepared form ``tag`` of ``sources`` where one is held and still valid, else
     None (a stale one dropped, so it is freed before a new one is built)."""
+    if not _ENTRIES:  # after every optimizer step: no key to build
+        return None
     key = _key(tag, sources)
     entry = _ENTRIES.get(key)
     if entry is not None and _valid(entry, sources):

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ..fp8 import AMAX_FLOOR, FORMATS, HISTORY
-from ..prepared_weights import count, held, hold, prepared, taken
+from ..prepared_weights import held, hold, prepared, taken
 
 CAST_BLOCK = 128
 
@@ -404,11 +404,9 @@ def prepare_weights(stacks: list[tuple[list[torch.Tensor], torch.Tensor | None, 
     read (not contiguous bfloat16 at 16-byte aligned addresses) is left to its
     op, which casts it as it always could."""
     groups = {}  # by layout: the tag (which holds interleave and fold) and the shapes
-    # After an optimizer step (it drops them all) nothing is held: no lookups then.
-    some_held = count() > 0
     for weights, norm_weight, interleave in stacks:
         tag, sources = _weight_key(weights, norm_weight, interleave)
-        if _group_readable(sources) and (not some_held or held(tag, sources) is None):
+        if _group_readable(sources) and held(tag, sources) is None:
             layout = (tag, interleave, tuple(tuple(w.shape) for w in weights))
             groups.setdefault(layout, []).append((weights, norm_weight, sources))
     for (tag, interleave, _), group in groups.items():
