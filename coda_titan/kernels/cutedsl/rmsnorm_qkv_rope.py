@@ -40,7 +40,7 @@ from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from . import fp8_operands
 from .gemm import TILES, aligned, folded_weight, unfold_grads
 from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
-from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, row_rstd, vector
+from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, rstd_rows, vector
 
 CFG = TILES["qkv_rope"]
 X_ROW, DZR_ROW = (history_index("rmsnorm_qkv_rope", row) for row in ("x", "dzr"))
@@ -138,7 +138,7 @@ class RopeBackwardZdZ(RowKernel):
         pos = Int32(0)
         rstd = Float32(0.0)
         if in_rows:
-            pos = mPos[row]
+            pos = Int32(mPos[row])
             rstd = mRstd[row]
         base = pos * self.width
         dz = cute.make_rmem_tensor(tXgD.shape, Float32)
@@ -162,7 +162,7 @@ def _compile_rope_backward_zdz(dtype, n, width):
     m, cells = cute.sym_int(), cute.sym_int()
     rows = row_major(dtype, m, n)
     return compile_row_kernel(RopeBackwardZdZ(dtype, n, width), rows, rows, vector(cells),
-                              vector(cells), vector(n // 2, Int32), vector(m, Int32), vector(m),
+                              vector(cells), vector(n // 2, Int32), vector(m), vector(m),
                               rows, vector(m))
 
 
@@ -171,10 +171,11 @@ def rope_backward_zdz(
     dqkv: torch.Tensor, qkv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor,
     rstd: torch.Tensor, nq: int, nk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r * [R^T dq, R^T dk, dv], sum(dz * z) = sum(dqkv * qkv))`` in one pass."""
+    """``(r * [R^T dq, R^T dk, dv], sum(dz * z) = sum(dqkv * qkv))`` in one pass
+    (``positions``: float32, as the forward's)."""
     cos, sin, pair = rope_backward_tables(freqs_cis, nq, nk, qkv.shape[1] - nq - nk)
     dqkv, qkv, cos, sin, pair, pos, rstd = aligned(dqkv.contiguous(), qkv, cos, sin, pair,
-                                                   positions.int(), rstd)
+                                                   positions, rstd)
     dzr, zdz = torch.empty_like(qkv), torch.empty_like(rstd)
     kernel = _compile_rope_backward_zdz(torch2cute_dtype_map[qkv.dtype], qkv.shape[1],
                                         freqs_cis.shape[-1] + 1)
@@ -193,22 +194,24 @@ def rmsnorm_qkv_rope_op(
     wv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, eps: float, keep: bool,
     fp8: str | None, history: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(qkv, r): post-RoPE ``[q | k | v]`` (M, Nq + Nk + Nv) and the row rstd.
+    """(qkv, r): post-RoPE ``[q | k | v]`` (M, Nq + Nk + Nv) and the row rstd, for the
+    (M,) token ``positions`` as float32 (exact below 2**24).
 
     One custom op with its backward registered (not an autograd.Function), so
     that under torch.compile activation checkpointing can recompute it.
     ``keep``: the folded weight (FP8 under ``fp8``) stays prepared for the
     recompute and the dgrad. ``history``: the block's amax history (``x``'s and
     ``dzr``'s rows; writes not declared, as in ``.linear_residual_sumsq``)."""
-    rstd = row_rstd(x, eps)
     freq = rope_freq_table(freqs_cis, wq.shape[0], wk.shape[0], wv.shape[0])
-    weights, positions = [wq, wk, wv], positions.float()
+    weights = [wq, wk, wv]
     if fp8 is None:
+        rstd, _ = rstd_rows(x, eps)
         folded = folded_weight(weights, norm_weight, False, keep)
         return rmsnorm_qkv_rope_gemm(x, rstd, folded, positions, freq), rstd
     w = fp8_operands.weight(weights, norm_weight, False, keep)
     a = fp8_operands.quantize(x, "act", fp8, fp8_operands.row(history, X_ROW), times=w.inv_scale)
-    return rmsnorm_qkv_rope_gemm(a.rows, rstd * a.dq, w.rows, positions, freq), rstd
+    rstd, rstd_dq = rstd_rows(x, eps, scale=a.dq)
+    return rmsnorm_qkv_rope_gemm(a.rows, rstd_dq, w.rows, positions, freq), rstd
 
 
 @rmsnorm_qkv_rope_op.register_fake
@@ -256,6 +259,8 @@ def rmsnorm_qkv_rope(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, *, s
         fp8, history = fallback_recipe(fp8)
         return reference(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps, fp8=fp8,
                          history=history)
-    qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions, eps,
+    # As float32 here, where under torch.compile Inductor fuses the conversion
+    # into the kernel making the positions, not in the op (a launch there).
+    qkv, _ = rmsnorm_qkv_rope_op(x, norm_weight, wq, wk, wv, freqs_cis, positions.float(), eps,
                                  keep_weights, fp8, history)
     return qkv

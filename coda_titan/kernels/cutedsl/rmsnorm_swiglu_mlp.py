@@ -20,10 +20,12 @@ Weight gradients ``dW2 = dout.T @ a`` and ``dW13 = dGU.T @ h`` are plain GEMMs.
 Under the FP8 recipe (``fp8``) every GEMM takes FP8 operands (``.fp8_operands``):
 the four above dequantize in their epilogues, the wgrads run in cuBLAS.
 
-Steps 1 and 2 are two custom ops. The second, ``out = h + a @ W2.T``, takes
-GU, ``a`` and ``r`` from the first as caches of functions of its other inputs
-(h, the norm weight, W1, W3), and its registered backward (3 and 4) is the
-whole MLP's; the first is called on detached inputs and has no backward.
+Steps 1 and 2 are two custom ops, both given ``r`` (finalized from the sum of
+squares between them and the wo op, where Inductor fuses it into one kernel).
+The second, ``out = h + a @ W2.T``, takes GU and ``a`` from the first and ``r``
+as caches of functions of its other inputs (h, the norm weight, W1, W3), and
+its registered backward (3 and 4) is the whole MLP's; the first is called on
+detached inputs and has no backward.
 Split so, activation checkpointing under torch.compile recomputes only the
 first (the backward reads GU and ``r``, not ``out``), as it skips the w2 GEMM
 of TorchTitan's own block.
@@ -118,14 +120,14 @@ def _(dout, w2, gu, rstd):
 
 @torch.library.custom_op("coda::rmsnorm_swiglu", mutates_args=(), device_types="cuda")
 def rmsnorm_swiglu(
-    h: torch.Tensor, sumsq: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor,
-    w3: torch.Tensor, eps: float, keep: bool, fp8: str | None, history: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(GU, act, r) for h (M, D): the pre-activation, silu(r*gate) * (r*up), the row rstd.
-    No backward: ``swiglu_down_residual``'s covers it. ``keep``: the folded W13
-    (FP8 under ``fp8``) stays prepared for the recompute and the dgrad. ``history``:
-    the block's amax history (writes not declared, as in ``.linear_residual_sumsq``)."""
-    rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
+    h: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor,
+    w3: torch.Tensor, keep: bool, fp8: str | None, history: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GU, act) for h (M, D) and its row rstd r: the pre-activation and
+    silu(r*gate) * (r*up). No backward: ``swiglu_down_residual``'s covers it.
+    ``keep``: the folded W13 (FP8 under ``fp8``) stays prepared for the recompute
+    and the dgrad. ``history``: the block's amax history (writes not declared, as
+    in ``.linear_residual_sumsq``)."""
     if fp8 is None:
         gu, act = rmsnorm_swiglu_gemm(h, rstd, folded_weight([w1, w3], norm_weight, True, keep))
     else:
@@ -133,13 +135,13 @@ def rmsnorm_swiglu(
         a = fp8_operands.quantize(h, "act", fp8, fp8_operands.row(history, H_ROW),
                                   times=w.inv_scale)
         gu, act = rmsnorm_swiglu_gemm(a.rows, rstd, w.rows, a.dq)
-    return gu, act, rstd
+    return gu, act
 
 
 @rmsnorm_swiglu.register_fake
-def _(h, sumsq, norm_weight, w1, w3, eps, keep, fp8, history):
+def _(h, rstd, norm_weight, w1, w3, keep, fp8, history):
     m, f = h.shape[0], w1.shape[0]
-    return h.new_empty(m, 2 * f), h.new_empty(m, f), h.new_empty(m, dtype=torch.float32)
+    return h.new_empty(m, 2 * f), h.new_empty(m, f)
 
 
 @torch.library.custom_op("coda::swiglu_down_residual", mutates_args=(), device_types="cuda")
@@ -211,7 +213,7 @@ def _backward(ctx, dout):
 swiglu_down_residual.register_autograd(_backward, setup_context=_setup_context)
 
 # TorchTitan's selective op AC saves the outputs of the ops in this set (its
-# mm and attention ops): GU and r are saved the same way, not recomputed with
+# mm and attention ops): GU and act are saved the same way, not recomputed with
 # their GEMM.
 _op_sac_save_list.add(torch.ops.coda.rmsnorm_swiglu.default)
 
@@ -225,7 +227,10 @@ def rmsnorm_swiglu_mlp(h, norm_weight, w1, w3, w2, eps, sumsq=None, *, strict=Fa
         return reference(h, norm_weight, w1, w3, w2, eps, sumsq=sumsq, fp8=fp8, history=history)
     if sumsq is None:
         sumsq = row_sumsq(h.detach()).reshape(-1)
-    gu, act, rstd = rmsnorm_swiglu(h.detach().reshape(-1, h.shape[-1]), sumsq, norm_weight.detach(),
-                                   w1.detach(), w3.detach(), eps, keep_weights, fp8, history)
+    # The rstd here, not in the op: under torch.compile Inductor makes one kernel
+    # of it (three launches in the op, where the FP8 forward is host-bound).
+    rstd = rstd_from_sumsq(sumsq, h.shape[-1], eps)
+    gu, act = rmsnorm_swiglu(h.detach().reshape(-1, h.shape[-1]), rstd, norm_weight.detach(),
+                             w1.detach(), w3.detach(), keep_weights, fp8, history)
     return swiglu_down_residual(h, act, gu, rstd, norm_weight, w1, w3, w2, keep_weights, fp8,
                                 history)

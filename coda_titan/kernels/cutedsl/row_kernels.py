@@ -79,35 +79,55 @@ def compile_row_kernel(kernel, *fake_args):
 
 
 class RowRstd(RowKernel):
-    """``rstd = 1 / sqrt(mean(x**2) + eps)`` per row, fp32."""
+    """``rstd = 1 / sqrt(mean(x**2) + eps)`` per row, fp32; ``scaled``: also
+    ``rstd * scale[0]`` (a GEMM's FP8 dequantization folded in), one launch less."""
+
+    def __init__(self, dtype, n: int, scaled: bool):
+        super().__init__(dtype, n)
+        self.scaled = scaled
 
     @cute.jit
-    def __call__(self, mX, mRstd, eps: Float32, stream: cuda.CUstream):
-        self.launch(mX.shape[0], stream, mX, mRstd, eps)
+    def __call__(self, mX, mRstd, mScale, mScaled, eps: Float32, stream: cuda.CUstream):
+        self.launch(mX.shape[0], stream, mX, mRstd, mScale, mScaled, eps)
 
     @cute.kernel
-    def kernel(self, mX, mRstd, eps: Float32, tiler_mn: cute.Shape, tiled_copy: cute.TiledCopy,
-               threads_per_row: cutlass.Constexpr[int]):
+    def kernel(self, mX, mRstd, mScale, mScaled, eps: Float32, tiler_mn: cute.Shape,
+               tiled_copy: cute.TiledCopy, threads_per_row: cutlass.Constexpr[int]):
         buffer, mbar, (tXgX,), tXcX, row = self.setup(tiled_copy, tiler_mn, (mX,), mX.shape)
         x = load_row(tXgX, row, mX.shape[0])
         sumsq = row_reduce(x * x, cute.ReductionOp.ADD, threads_per_row, buffer, mbar, init_val=0.0)
         if row < mX.shape[0] and tXcX[0][1] == 0:
-            mRstd[row] = cute.math.rsqrt(sumsq * (1.0 / self.N) + eps, fastmath=True)
+            rstd = cute.math.rsqrt(sumsq * (1.0 / self.N) + eps, fastmath=True)
+            mRstd[row] = rstd
+            if cutlass.const_expr(self.scaled):
+                mScaled[row] = rstd * mScale[0]
 
 
 @jit_cache
-def _compile_row_rstd(dtype, n):
+def _compile_row_rstd(dtype, n, scaled):
     m = cute.sym_int()
-    return compile_row_kernel(RowRstd(dtype, n), row_major(dtype, m, n), vector(m), Float32(0))
+    return compile_row_kernel(RowRstd(dtype, n, scaled), row_major(dtype, m, n), vector(m),
+                              vector(1) if scaled else None, vector(m) if scaled else None,
+                              Float32(0))
+
+
+def rstd_rows(x: torch.Tensor, eps: float,
+              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(rstd, rstd * scale)`` of a (M, D) bf16 x in one pass (``scale``: 1 element,
+    fp32; without it the second is None). A plain function for the custom ops to
+    call (a nested custom op costs the host a second dispatch)."""
+    (x,) = aligned(x)
+    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    scaled = None if scale is None else torch.empty_like(rstd)
+    _compile_row_rstd(torch2cute_dtype_map[x.dtype], x.shape[1], scale is not None)(
+        x, rstd, scale, scaled, eps)
+    return rstd, scaled
 
 
 @torch.library.custom_op("coda::row_rstd", mutates_args=(), device_types="cuda")
 def row_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``rstd_from_sumsq(row_sumsq(x), D, eps)`` of a (M, D) bf16 x in one pass."""
-    (x,) = aligned(x)
-    rstd = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    _compile_row_rstd(torch2cute_dtype_map[x.dtype], x.shape[1])(x, rstd, eps)
-    return rstd
+    return rstd_rows(x, eps)[0]
 
 
 @row_rstd.register_fake

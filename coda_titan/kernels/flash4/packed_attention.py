@@ -84,14 +84,15 @@ def _unsupported_reason(qkv: list[torch.Tensor]) -> str | None:
     return None
 
 
-def _in_kernel_layout(qkv: list[torch.Tensor], n_heads: int) -> list[torch.Tensor]:
-    """``qkv`` as it is, or, where a head range is not in the kernel's layout,
-    copied to fresh contiguous tensors (warning once per reason)."""
-    reason = next(filter(None, map(_layout_reason, split_heads(qkv, n_heads))), None)
+def _kernel_heads(qkv: list[torch.Tensor], n_heads: int) -> tuple[torch.Tensor, ...]:
+    """``split_heads(qkv)``, or, where a head range is not in the kernel's layout,
+    that of fresh contiguous copies (warning once per reason)."""
+    heads = split_heads(qkv, n_heads)
+    reason = next(filter(None, map(_layout_reason, heads)), None)
     if reason is None:
-        return qkv
+        return heads
     _warn_once(f"QKV copied to a contiguous tensor ({reason})")
-    return [t.clone(memory_format=torch.contiguous_format) for t in qkv]
+    return split_heads([t.clone(memory_format=torch.contiguous_format) for t in qkv], n_heads)
 
 
 def _gradient_buffers(qkv: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -103,7 +104,7 @@ def _gradient_buffers(qkv: list[torch.Tensor]) -> list[torch.Tensor]:
 def flash4_attention(qkv: list[torch.Tensor], n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: causal attention (B, S, Hq, D) of ``[packed]`` or ``[q, k, v]``
     (``split_heads``) and its row log-sum-exp (B, Hq, S) in fp32."""
-    q, k, v = split_heads(_in_kernel_layout(qkv, n_heads), n_heads)
+    q, k, v = _kernel_heads(qkv, n_heads)
     out, lse, *_ = flash4_interface()._flash_attn_fwd(
         q, k, v, softmax_scale=q.shape[-1] ** -0.5, causal=True, return_lse=True
     )
@@ -124,7 +125,7 @@ def flash4_attention_backward(
     """The gradient of each tensor of ``qkv``: ``[dqkv]``, whose three head ranges
     the kernel writes as dq, dk and dv, or ``[dq, dk, dv]``."""
     grads = _gradient_buffers(qkv)
-    q, k, v = split_heads(_in_kernel_layout(qkv, n_heads), n_heads)
+    q, k, v = _kernel_heads(qkv, n_heads)
     dq, dk, dv = split_heads(grads, n_heads)
     flash4_interface()._flash_attn_bwd(
         q, k, v, out, dout, lse, softmax_scale=q.shape[-1] ** -0.5, causal=True,
