@@ -305,3 +305,15 @@ def test_compiled_block_with_an_odd_dim_falls_back_once_per_op(caplog):
                                           "sdpa")
     with pytest.raises(RuntimeError, match=r"rmsnorm_qkv_rope: .*dimension 260 not a multiple"):
         torch.compile(strict, fullgraph=True)(x, freqs, None)
+
+
+def test_our_kernel_sources_are_in_the_compiled_kernel_cache_fingerprint():
+    """quack's disk cache keys a compiled kernel by its compile function's name and
+    arguments, under a fingerprint of the sources it is told about: ours must be
+    among them, or an edited kernel of ours would load its old build."""
+    import quack.cache
+
+    from coda_titan.kernels import cutedsl
+
+    assert cutedsl.KERNEL_SOURCES in quack.cache.EXTRA_SOURCE_DIRS
+    assert (cutedsl.KERNEL_SOURCES / "row_kernels.py").is_file()

@@ -5,7 +5,19 @@ our epilogues (``@gemm_epilogue``), bf16, or FP8 under the ``tensorwise`` or
 
 from functools import partial
 from itertools import product
+from pathlib import Path
 from types import SimpleNamespace
+
+import quack.cache
+
+# quack's disk cache of compiled kernels (``jit_cache``) keys one by its compile
+# function's name and arguments under a fingerprint of quack's own sources, so
+# a kernel changed here kept its key and loaded the old build (a changed
+# kernel's argument dtype met on the H200). Our sources join the fingerprint,
+# before any of ours compiles.
+KERNEL_SOURCES = Path(__file__).resolve().parent
+if KERNEL_SOURCES not in quack.cache.EXTRA_SOURCE_DIRS:
+    quack.cache.EXTRA_SOURCE_DIRS.append(KERNEL_SOURCES)
 
 from .linear_residual_sumsq import linear_residual_sumsq
 from .rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy
