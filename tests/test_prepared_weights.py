@@ -99,3 +99,23 @@ def test_every_optimizer_step_drops_the_entries(fused):
     assert pw.count() == 0
     pw.prepared("fold", [model.weight], build)
     assert build.builds == 2
+
+
+def test_an_entry_built_from_a_detached_alias_serves_its_parameter():
+    """The MLP's first op gets detached weights; the recompute and the dgrad look
+    them up with the parameters themselves."""
+    w = torch.randn(4, 3)
+    build = Builder(w)
+    kept = pw.prepared("fold", [w.detach()], build)
+    assert pw.taken("fold", [w], build) is kept and build.builds == 1
+
+
+def test_a_tensor_given_new_memory_leaves_its_entry_stale():
+    """``p.data = ...`` (``Module.to``, ``to_empty``): the old address may be reused."""
+    memory = bytearray(64)
+    a = torch.frombuffer(memory, dtype=torch.float32)
+    pw.prepared("fold", [a], Builder(a))
+    a.data = torch.zeros(16)
+    b = torch.frombuffer(memory, dtype=torch.float32)  # the old address, version 0
+    memory[:4] = torch.tensor([3.0]).numpy().tobytes()
+    assert pw.prepared("fold", [b], Builder(b)).item() == 3

@@ -13,14 +13,13 @@ or all of a model's at once before its forward (``hold``, from
 A stale entry is never read:
 - every ``torch.optim`` optimizer step drops all entries (a global step hook:
   fused optimizers write the parameters without bumping their version counters);
-- an entry is valid only while the tensors it was built from are alive, at the
-  same addresses, shapes and strides, and at the same version counters, which
-  every other in-place update bumps (``load_state_dict``, ``init_weights``, a
-  checkpoint load); writes through ``.data`` are not seen, as autograd does not
-  see them either. (A live tensor keeps its memory, so no other tensor can
-  take its address; weak references to the tensors, not to their storages,
-  and keys from their data pointers cost the host a fifth as much, where the
-  FP8 forward is host-bound.)
+- an entry is valid only while its sources are the same storages, at the same
+  addresses, shapes and strides and the same version counters, which every
+  other in-place update bumps (``load_state_dict``, ``init_weights``, a
+  checkpoint load). The storages are held as weak references: an entry built
+  from a detached alias serves its parameter, and one whose tensor was given
+  new memory (``p.data = ...``, ``.to()``) dies with the old memory. Writes
+  into ``.data`` are not seen, as autograd does not see them either.
 The op that reads an entry last in a step (the dgrad in the backward) takes it
 out, so the prepared copies are freed while the gradients grow; under full AC,
 where the peak is at the end of the backward, memory does not grow at all.
@@ -30,13 +29,13 @@ again for the backward). Not for CUDA-graph capture: a hit while capturing
 records no fold, so replays would read the captured weights.
 """
 
-import weakref
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-_ENTRIES: dict[tuple, tuple[tuple, list[weakref.ref], torch.Tensor]] = {}
+_ENTRIES: dict[tuple, tuple[tuple, list[StorageWeakRef], torch.Tensor]] = {}
 _MIN_SWEEP = 16
 _SWEEP_AT = _MIN_SWEEP
 
@@ -46,8 +45,8 @@ def _key(tag: str, sources: Sequence[torch.Tensor]) -> tuple:
 
 
 def _valid(entry, sources: Sequence[torch.Tensor]) -> bool:
-    versions, refs, _ = entry
-    return (all(ref() is not None for ref in refs)
+    versions, storages, _ = entry
+    return (all(not ref.expired() for ref in storages)
             and versions == tuple(s._version for s in sources))
 
 
@@ -73,11 +72,11 @@ def hold(tag: str, sources: Sequence[torch.Tensor], weight) -> None:
     # cost per build constant (a sweep on every build walked about 19,000
     # weak references a step at 8B, in a host-bound step).
     if len(_ENTRIES) >= _SWEEP_AT:
-        for dead in [k for k, e in _ENTRIES.items() if any(r() is None for r in e[1])]:
+        for dead in [k for k, e in _ENTRIES.items() if any(r.expired() for r in e[1])]:
             del _ENTRIES[dead]
         _SWEEP_AT = max(_MIN_SWEEP, 2 * len(_ENTRIES))
     _ENTRIES[_key(tag, sources)] = (tuple(s._version for s in sources),
-                                    [weakref.ref(s) for s in sources], weight)
+                                    [StorageWeakRef(s.untyped_storage()) for s in sources], weight)
 
 
 def prepared(tag: str, sources: Sequence[torch.Tensor], build: Callable[[], torch.Tensor],

@@ -13,8 +13,9 @@ import quack.cache
 # quack's disk cache of compiled kernels (``jit_cache``) keys one by its compile
 # function's name and arguments under a fingerprint of quack's own sources, so
 # a kernel changed here kept its key and loaded the old build (a changed
-# kernel's argument dtype met on the H200). Our sources join the fingerprint,
-# before any of ours compiles.
+# kernel's argument dtype met on the H200). Our sources join the fingerprint
+# here, at import: quack computes it once per process, at its first compile,
+# and the ops compile nothing before this package is imported.
 KERNEL_SOURCES = Path(__file__).resolve().parent
 if KERNEL_SOURCES not in quack.cache.EXTRA_SOURCE_DIRS:
     quack.cache.EXTRA_SOURCE_DIRS.append(KERNEL_SOURCES)

@@ -171,11 +171,10 @@ def rope_backward_zdz(
     dqkv: torch.Tensor, qkv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor,
     rstd: torch.Tensor, nq: int, nk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r * [R^T dq, R^T dk, dv], sum(dz * z) = sum(dqkv * qkv))`` in one pass
-    (``positions``: float32, as the forward's)."""
+    """``(r * [R^T dq, R^T dk, dv], sum(dz * z) = sum(dqkv * qkv))`` in one pass."""
     cos, sin, pair = rope_backward_tables(freqs_cis, nq, nk, qkv.shape[1] - nq - nk)
     dqkv, qkv, cos, sin, pair, pos, rstd = aligned(dqkv.contiguous(), qkv, cos, sin, pair,
-                                                   positions, rstd)
+                                                   positions.float(), rstd)
     dzr, zdz = torch.empty_like(qkv), torch.empty_like(rstd)
     kernel = _compile_rope_backward_zdz(torch2cute_dtype_map[qkv.dtype], qkv.shape[1],
                                         freqs_cis.shape[-1] + 1)
@@ -195,7 +194,8 @@ def rmsnorm_qkv_rope_op(
     fp8: str | None, history: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(qkv, r): post-RoPE ``[q | k | v]`` (M, Nq + Nk + Nv) and the row rstd, for the
-    (M,) token ``positions`` as float32 (exact below 2**24).
+    (M,) token ``positions``, best given as float32 (exact below 2**24; the
+    kernels read them so).
 
     One custom op with its backward registered (not an autograd.Function), so
     that under torch.compile activation checkpointing can recompute it.
@@ -203,7 +203,7 @@ def rmsnorm_qkv_rope_op(
     recompute and the dgrad. ``history``: the block's amax history (``x``'s and
     ``dzr``'s rows; writes not declared, as in ``.linear_residual_sumsq``)."""
     freq = rope_freq_table(freqs_cis, wq.shape[0], wk.shape[0], wv.shape[0])
-    weights = [wq, wk, wv]
+    weights, positions = [wq, wk, wv], positions.float()  # no launch when float32 already
     if fp8 is None:
         rstd, _ = rstd_rows(x, eps)
         folded = folded_weight(weights, norm_weight, False, keep)

@@ -27,8 +27,8 @@ as caches of functions of its other inputs (h, the norm weight, W1, W3), and
 its registered backward (3 and 4) is the whole MLP's; the first is called on
 detached inputs and has no backward.
 Split so, activation checkpointing under torch.compile recomputes only the
-first (the backward reads GU and ``r``, not ``out``), as it skips the w2 GEMM
-of TorchTitan's own block.
+first and ``r`` (the backward reads GU and ``r``, not ``out``), as it skips the
+w2 GEMM of TorchTitan's own block.
 """
 
 import torch
@@ -150,8 +150,8 @@ def swiglu_down_residual(
     norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
     keep: bool, fp8: str | None, history: torch.Tensor | None,
 ) -> torch.Tensor:
-    """out = h + act @ W2.T (h's shape); act, GU and r as ``rmsnorm_swiglu`` returned them
-    for these h, norm weight, W1 and W3 (and ``keep``, ``fp8``, ``history``)."""
+    """out = h + act @ W2.T (h's shape); act and GU as ``rmsnorm_swiglu`` returned them
+    for these h, norm weight, W1, W3 and r (and ``keep``, ``fp8``, ``history``)."""
     return linear_residual(h, act, w2, fp8, keep, history, A_ROW, sumsq=False)[0]
 
 

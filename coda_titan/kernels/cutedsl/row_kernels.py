@@ -3,8 +3,9 @@
 ``RowKernel`` is their common frame (quack's ``ReductionBase``): each row of
 ``n`` bf16 columns is read once with 16-byte vectors by a group of threads
 (at least 6 vectors each), and per-row sums are warp/CTA reductions.
-``row_rstd`` is the deferred RMSNorm's statistic where no producer GEMM
-reduced it: the block input of norm+QKV and each chunk of the LM head.
+``rstd_rows`` is the deferred RMSNorm's statistic where no producer GEMM
+reduced it: the block input of norm+QKV (with its FP8-scaled copy) and, as the
+``row_rstd`` custom op, each chunk of the LM head.
 """
 
 import cuda.bindings.driver as cuda
