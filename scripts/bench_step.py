@@ -39,11 +39,15 @@ kernels' sum) is what the host's launches cost a host-bound step, and
 --host-profile N lists the N kernels the GPU waits longest before (idle gaps
 in the profiled step) and, per thread, the N Python lines the host spends most
 time in over one step and the N functions it spends most time within (sampled
-stacks, the backward's thread included), to find it. Writes
+stacks, the backward's thread included), to find it. Each step is timed from
+an idle GPU (the host syncs after each), or with --back-to-back queued behind
+the one before, as TorchTitan's loop runs them: there a step's first launches
+are hidden behind the previous step's GPU work. Writes
 benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
   python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full
+  python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full --back-to-back
   python scripts/bench_step.py --arms baseline coda --coda-attention sdpa
   python scripts/bench_step.py --arms coda coda@dswiglu=128,128,2,1,1
 """
@@ -214,12 +218,13 @@ def tiles_replaced(arm: str):
 
 
 def run_arm(arm, flavor, seq, batch, steps, warmup, ac="none", top_kernels=0,
-            coda_attention="auto", host_top=0):
+            coda_attention="auto", host_top=0, back_to_back=False):
     kind = arm.partition("@")[0]
     build = (functools.partial(ARMS[kind], attention=coda_attention) if kind.startswith("coda")
              else ARMS[kind])
     with tiles_replaced(arm):
-        return measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top)
+        return measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top,
+                       back_to_back)
 
 
 def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
@@ -307,7 +312,8 @@ def idle_gaps(prof, top: int) -> list[dict]:
     return [dict(kernel=name, idle_ms=total, gaps=count) for name, (total, count) in rows]
 
 
-def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top=0):
+def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top=0,
+            back_to_back=False):
     model, loss_fn = build(flavor, seq, ac)
     params = [p for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -333,7 +339,7 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host
     gc.disable()
     try:
         return _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
-                      host_top)
+                      host_top, back_to_back)
     finally:
         gc.enable()
         del model, optimizer, params
@@ -341,20 +347,40 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host
         torch.cuda.empty_cache()
 
 
-def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top):
+def step_times(step, steps: int, back_to_back: bool, event=None) -> list[float]:
+    """Milliseconds of ``steps`` calls of ``step`` on the GPU's clock. Synced (the
+    default): each step starts on an idle GPU, which waits for the host's first
+    launches. ``back_to_back``: the steps are queued one after another, as
+    TorchTitan's training loop runs them (it waits for the GPU only at its log
+    steps), each timed from the event that ends the step before to its own."""
+    event = event or functools.partial(torch.cuda.Event, enable_timing=True)
+    if not back_to_back:
+        times = []
+        for _ in range(steps):
+            start, end = event(), event()
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+    events = [event() for _ in range(steps + 1)]
+    events[0].record()
+    for end in events[1:]:
+        step()
+        end.record()
+    events[-1].synchronize()
+    return [start.elapsed_time(end) for start, end in zip(events, events[1:])]
+
+
+def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top,
+           back_to_back):
     first_loss = step().item()
     for _ in range(warmup - 1):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = step_times(step, steps, back_to_back)
     peak = torch.cuda.max_memory_allocated() / 2**30
 
     from torch.profiler import ProfilerActivity, profile
@@ -386,7 +412,8 @@ def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
     attention = sorted({b.attention_kernel for b in model.modules()
                         if isinstance(b, CodaTransformerBlock)}) or ["titan"]
     record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, ac=ac,
-                  attention="/".join(attention), step_ms=step_ms,
+                  attention="/".join(attention),
+                  timing="back-to-back" if back_to_back else "synced", step_ms=step_ms,
                   tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
                   profile_ms=breakdown, gpu_idle_ms=step_ms - sum(breakdown.values()),
                   **({"host_profile": host, "idle_before": gaps} if host_top else {}))
@@ -412,11 +439,15 @@ def main():
                         help="TorchTitan activation checkpointing (8B takes full on 80 GB)")
     parser.add_argument("--coda-attention", default="auto", choices=ATTENTIONS,
                         help="[coda] attention of the coda arm")
+    parser.add_argument("--back-to-back", action="store_true",
+                        help="time the steps queued back to back, as TorchTitan's loop runs "
+                             "them, instead of each from an idle GPU")
     args = parser.parse_args()
     records = []
     for arm in args.arms:
         rec = run_arm(arm, args.flavor, args.seq, args.batch, args.steps, args.warmup,
-                      args.ac, args.top_kernels, args.coda_attention, args.host_profile)
+                      args.ac, args.top_kernels, args.coda_attention, args.host_profile,
+                      args.back_to_back)
         records.append(rec)
         prof = rec["profile_ms"]
         print(f"{arm:9s} {args.flavor} seq {args.seq} x {args.batch} (attention "
@@ -439,7 +470,8 @@ def main():
               f"{r['profile_ms']['other']:.1f} | {r['gpu_idle_ms']:.1f} |" for r in records]
     write_results(args.out, f"step_{args.flavor.lower()}",
                   f"Training-step benchmark, LLaMA-3 {args.flavor}, seq {args.seq} x {args.batch}"
-                  f"{'' if args.ac == 'none' else f', {args.ac} AC'}", records, table)
+                  f"{'' if args.ac == 'none' else f', {args.ac} AC'}"
+                  f"{', steps back to back' if args.back_to_back else ''}", records, table)
 
 if __name__ == "__main__":
     main()

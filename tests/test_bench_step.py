@@ -82,3 +82,40 @@ def test_idle_gaps_sum_the_waits_by_the_kernel_that_ends_them():
     rows = bench_step.idle_gaps(SimpleNamespace(events=lambda: events), top=5)
     assert len(rows) == 1 and rows[0]["kernel"] == "gemm" and rows[0]["gaps"] == 2
     assert abs(rows[0]["idle_ms"] - 1.04) < 1e-9
+
+
+class _Clock:
+    """Stand-in for CUDA events on a GPU clock that a fake step advances."""
+
+    def __init__(self):
+        self.now, self.syncs, self.steps = 0.0, [], 0
+
+    def event(self):
+        clock = self
+
+        class Event:
+            def record(self):
+                self.at = clock.now
+
+            def synchronize(self):
+                clock.syncs.append(clock.steps)
+
+            def elapsed_time(self, end):
+                return end.at - self.at
+        return Event()
+
+    def step(self):
+        self.steps += 1
+        self.now += 10.0 * self.steps
+
+
+def test_synced_steps_wait_for_the_gpu_after_each_step():
+    clock = _Clock()
+    assert bench_step.step_times(clock.step, 3, False, clock.event) == [10.0, 20.0, 30.0]
+    assert clock.syncs == [1, 2, 3]
+
+
+def test_back_to_back_steps_wait_for_the_gpu_once_and_time_each_step_between_events():
+    clock = _Clock()
+    assert bench_step.step_times(clock.step, 3, True, clock.event) == [10.0, 20.0, 30.0]
+    assert clock.syncs == [3]
