@@ -103,8 +103,11 @@ def linear_grads_fp8(dh: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp
     wo's rows ``o`` and ``dh``."""
     g = fp8_operands.quantize(dh, "grad", fp8, fp8_operands.row(history, DH_ROW), cols=True)
     w = fp8_operands.weight([weight], None, False, last=True)
-    return (fp8_operands.scaled_mm(g.rows, g.inv_scale, w.cols, w.inv_scale, o.dtype),
-            fp8_operands.wgrad(g, o, fp8, fp8_operands.row(history, O_ROW)))
+    do = fp8_operands.scaled_mm(g.rows, g.inv_scale, w.cols, w.inv_scale, o.dtype)
+    # The dgrad's operands freed before the wgrad allocates (as ``rmsnorm_dgrad_fp8``).
+    del w
+    g = g._replace(rows=None)
+    return do, fp8_operands.wgrad(g, o, fp8, fp8_operands.row(history, O_ROW))
 
 
 @linear_grads_fp8.register_fake

@@ -67,6 +67,22 @@ def _(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad):
     return torch.empty_like(x)
 
 
+def rmsnorm_dgrad_fp8(
+    dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
+    x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None, fp8: str,
+    history: torch.Tensor | None, dzr_row: int,
+) -> tuple[torch.Tensor, fp8_operands.Fp8Operand]:
+    """dx as ``rmsnorm_linear_grads_fp8`` gives it, and ``dzr``'s FP8 cast with only
+    the transposed copy the wgrad reads: the dgrad's operands (the weight's and
+    ``dzr``'s row-major FP8 copies) are freed on return, before the wgrad
+    allocates its output, where a block's backward peaks in memory."""
+    w = fp8_operands.weight(weights, norm_weight, interleave, last=True)
+    dz = fp8_operands.quantize(dzr, "grad", fp8, fp8_operands.row(history, dzr_row), cols=True,
+                               times=w.inv_scale)
+    dx = rmsnorm_grad_gemm(dz.rows, w.cols, dz.dq, x, zdz_r2, residual_grad)
+    return dx, dz._replace(rows=None)
+
+
 @torch.library.custom_op("coda::rmsnorm_linear_grads_fp8", mutates_args=(), device_types="cuda")
 def rmsnorm_linear_grads_fp8(
     dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
@@ -77,10 +93,8 @@ def rmsnorm_linear_grads_fp8(
     with the RMSNorm backward in its epilogue, the wgrad ``dzr.T @ x`` in cuBLAS.
     ``history``: the block's amax history (rows ``dzr_row``, ``x_row``; writes
     not declared, as in ``.linear_residual_sumsq``)."""
-    w = fp8_operands.weight(weights, norm_weight, interleave, last=True)
-    dz = fp8_operands.quantize(dzr, "grad", fp8, fp8_operands.row(history, dzr_row), cols=True,
-                               times=w.inv_scale)
-    dx = rmsnorm_grad_gemm(dz.rows, w.cols, dz.dq, x, zdz_r2, residual_grad)
+    dx, dz = rmsnorm_dgrad_fp8(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad,
+                               fp8, history, dzr_row)
     return dx, fp8_operands.wgrad(dz, x, fp8, fp8_operands.row(history, x_row))
 
 

@@ -46,7 +46,7 @@ from . import fp8_operands
 from .gemm import (
     TILES, aligned, folded_weight, tile_partials, unfold_grads)
 from .linear_residual_sumsq import linear_residual
-from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
+from .rmsnorm_linear_grad import rmsnorm_dgrad_fp8, rmsnorm_linear_grad
 
 CFG_UP = TILES["swiglu"]
 CFG_DOWN_GRAD = TILES["dswiglu"]
@@ -185,10 +185,15 @@ def swiglu_mlp_grads_fp8(
     g = fp8_operands.quantize(dout, "grad", fp8, fp8_operands.row(history, DOUT_ROW), cols=True,
                               times=w.inv_scale)
     dgu, act, drstd = dswiglu_drstd_gemm(g.rows, w.cols, gu, rstd, g.dq)
+    # Each operand goes as soon as its last GEMM is queued: the W13 wgrad's
+    # output is where a block's backward peaks in memory (the 8B step's peak).
+    del w
     dw2 = fp8_operands.wgrad(g, act, fp8, fp8_operands.row(history, A_ROW))
-    dh, dw13 = rmsnorm_linear_grads_fp8(dgu, [w1, w3], norm_weight, True, h2d,
-                                        rstd.pow(3) * drstd, dout, fp8, history, DZR_ROW, H_ROW)
-    return dh, dw2, dw13
+    del g, act
+    dh, dgu_t = rmsnorm_dgrad_fp8(dgu, [w1, w3], norm_weight, True, h2d, rstd.pow(3) * drstd,
+                                  dout, fp8, history, DZR_ROW)
+    del dgu
+    return dh, dw2, fp8_operands.wgrad(dgu_t, h2d, fp8, fp8_operands.row(history, H_ROW))
 
 
 @swiglu_mlp_grads_fp8.register_fake
