@@ -218,13 +218,13 @@ def tiles_replaced(arm: str):
 
 
 def run_arm(arm, flavor, seq, batch, steps, warmup, ac="none", top_kernels=0,
-            coda_attention="auto", host_top=0, back_to_back=False):
+            coda_attention="auto", host_top=0, back_to_back=False, peak_top=0):
     kind = arm.partition("@")[0]
     build = (functools.partial(ARMS[kind], attention=coda_attention) if kind.startswith("coda")
              else ARMS[kind])
     with tiles_replaced(arm):
         return measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top,
-                       back_to_back)
+                       back_to_back, peak_top)
 
 
 def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
@@ -296,6 +296,64 @@ def _stack(frame, stop):
         frame = frame.f_back
 
 
+def peak_sites(step, top: int) -> dict:
+    """Where one call of ``step`` peaks in allocated memory: its allocations are
+    recorded with their Python stacks (``torch.cuda.memory``'s history) and
+    replayed by ``live_at_peak``."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1 << 22, stacks="python")
+    try:
+        step()
+        torch.cuda.synchronize()
+        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    return live_at_peak(trace, base, top)
+
+
+def live_at_peak(trace: list[dict], base: int, top: int) -> dict:
+    """Replays an allocator ``trace`` (``alloc``/``free_requested`` events with
+    ``addr``, ``size`` and ``frames``) from ``base`` bytes allocated: the peak,
+    the allocation that reached it, and the ``top`` call sites (``site``) whose
+    allocations are live there, largest first, with their MiB and count."""
+    allocated, peak, peak_event, at_peak = base, base, None, {}
+    for index, event in enumerate(trace):
+        if event["action"] == "alloc":
+            allocated += event["size"]
+            if allocated > peak:
+                peak, peak_event = allocated, index
+        elif event["action"] == "free_requested":
+            allocated -= event["size"]
+    # The live set is rebuilt up to the peak (a copy at every new peak would
+    # cost a step's allocations squared).
+    if peak_event is not None:
+        for event in trace[:peak_event + 1]:
+            if event["action"] == "alloc":
+                at_peak[event["addr"]] = event
+            elif event["action"] == "free_requested":
+                at_peak.pop(event["addr"], None)
+    sizes, counts = collections.Counter(), collections.Counter()
+    for event in at_peak.values():
+        sizes[site(event["frames"])] += event["size"]
+        counts[site(event["frames"])] += 1
+    return dict(peak_gib=peak / 2**30, base_gib=base / 2**30,
+                event=peak_event, events=len(trace),
+                at=None if peak_event is None else site(trace[peak_event]["frames"]),
+                sites=[dict(site=name, mib=size / 2**20, count=counts[name])
+                       for name, size in sizes.most_common(top)])
+
+
+def site(frames: list[dict], depth: int = 3) -> str:
+    """The innermost ``depth`` frames of an allocation's stack outside torch
+    (Inductor's generated code counts as outside), innermost first; "native"
+    for an allocation with none (made in C++ with no Python caller: cuBLAS's
+    workspace, autograd's gradient buffers)."""
+    kept = [f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']}({f['name']})" for f in frames
+            if "/torch/" not in f["filename"]][:depth]
+    return " <- ".join(kept) or "native"
+
+
 def idle_gaps(prof, top: int) -> list[dict]:
     """Where the GPU waits: the gaps between consecutive kernels of the profiled
     step, summed by the kernel that ends each gap (the one the host was late to
@@ -313,7 +371,7 @@ def idle_gaps(prof, top: int) -> list[dict]:
 
 
 def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top=0,
-            back_to_back=False):
+            back_to_back=False, peak_top=0):
     model, loss_fn = build(flavor, seq, ac)
     params = [p for p in model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -339,7 +397,7 @@ def measure(arm, build, flavor, seq, batch, steps, warmup, ac, top_kernels, host
     gc.disable()
     try:
         return _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
-                      host_top, back_to_back)
+                      host_top, back_to_back, peak_top)
     finally:
         gc.enable()
         del model, optimizer, params
@@ -374,7 +432,7 @@ def step_times(step, steps: int, back_to_back: bool, event=None) -> list[float]:
 
 
 def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels, host_top,
-           back_to_back):
+           back_to_back, peak_top):
     first_loss = step().item()
     for _ in range(warmup - 1):
         step()
@@ -409,6 +467,13 @@ def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
         for row in host:
             print(f"   {row['ms']:8.2f} ms {100 * row['share']:5.1f}% of {row['thread']:6s} "
                   f"{row['kind']:6s} {row['function'][:90]}")
+    peak_at = peak_sites(step, peak_top) if peak_top else None
+    if peak_at:
+        print(f"   peak {peak_at['peak_gib']:.4f} GiB at allocation {peak_at['event']} of "
+              f"{peak_at['events']} ({peak_at['at']}), {peak_at['base_gib']:.4f} GiB before the "
+              f"step; allocated in the step and live there:")
+        for row in peak_at["sites"]:
+            print(f"   {row['mib']:10.1f} MiB x{row['count']:4d} {row['site'][:150]}")
     attention = sorted({b.attention_kernel for b in model.modules()
                         if isinstance(b, CodaTransformerBlock)}) or ["titan"]
     record = dict(arm=arm, flavor=flavor, seq=seq, batch=batch, ac=ac,
@@ -416,7 +481,8 @@ def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
                   timing="back-to-back" if back_to_back else "synced", step_ms=step_ms,
                   tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
                   profile_ms=breakdown, gpu_idle_ms=step_ms - sum(breakdown.values()),
-                  **({"host_profile": host, "idle_before": gaps} if host_top else {}))
+                  **({"host_profile": host, "idle_before": gaps} if host_top else {}),
+                  **({"peak_sites": peak_at} if peak_top else {}))
     return record
 
 
@@ -439,6 +505,9 @@ def main():
                         help="TorchTitan activation checkpointing (8B takes full on 80 GB)")
     parser.add_argument("--coda-attention", default="auto", choices=ATTENTIONS,
                         help="[coda] attention of the coda arm")
+    parser.add_argument("--peak-sites", type=int, default=0, metavar="N",
+                        help="record one more step's allocations and list the N call sites "
+                             "whose memory is live at its peak")
     parser.add_argument("--back-to-back", action="store_true",
                         help="time the steps queued back to back, as TorchTitan's loop runs "
                              "them, instead of each from an idle GPU")
@@ -447,7 +516,7 @@ def main():
     for arm in args.arms:
         rec = run_arm(arm, args.flavor, args.seq, args.batch, args.steps, args.warmup,
                       args.ac, args.top_kernels, args.coda_attention, args.host_profile,
-                      args.back_to_back)
+                      args.back_to_back, args.peak_sites)
         records.append(rec)
         prof = rec["profile_ms"]
         print(f"{arm:9s} {args.flavor} seq {args.seq} x {args.batch} (attention "

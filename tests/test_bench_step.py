@@ -119,3 +119,42 @@ def test_back_to_back_steps_wait_for_the_gpu_once_and_time_each_step_between_eve
     clock = _Clock()
     assert bench_step.step_times(clock.step, 3, True, clock.event) == [10.0, 20.0, 30.0]
     assert clock.syncs == [3]
+
+
+def _event(action, addr, size, *files):
+    return dict(action=action, addr=addr, size=size,
+                frames=[dict(filename=f, line=i + 1, name=f"f{i}") for i, f in enumerate(files)])
+
+
+def test_live_at_peak_replays_the_trace_to_its_highest_point():
+    """The peak is found in a trace whose live set at the peak differs from the
+    live set at its end; frees before the peak count, frees after it do not."""
+    trace = [
+        _event("alloc", 1, 100, "/x/torch/autograd.py", "/w/coda_titan/ops.py"),
+        _event("alloc", 2, 300, "/w/coda_titan/ops.py"),
+        _event("free_requested", 1, 100),
+        _event("alloc", 3, 50, "/w/coda_titan/ops.py"),
+        _event("alloc", 4, 200, "/w/loss.py", "/w/model.py", "/w/train.py", "/w/main.py"),
+        _event("free_completed", 1, 100),  # the allocator's later half of a free: not counted
+        _event("free_requested", 2, 300),
+        _event("alloc", 5, 250),  # 1250 + 250: under the 1550 of event 4
+        _event("free_requested", 5, 250),
+    ]
+    result = bench_step.live_at_peak(trace, base=1000, top=2)
+    assert result["event"] == 4 and result["events"] == len(trace)
+    assert abs(result["peak_gib"] * 2**30 - 1550) < 1e-6
+    assert abs(result["base_gib"] * 2**30 - 1000) < 1e-6
+    assert result["at"] == "loss.py:1(f0) <- model.py:2(f1) <- train.py:3(f2)"
+    # live at the peak: 2 (300) and 3 (50) from ops.py's line 1, 4 (200); the torch
+    # frame of allocation 1 was skipped, but 1 was freed before the peak anyway
+    assert [(r["site"], r["count"]) for r in result["sites"]] == [
+        ("ops.py:1(f0)", 2), ("loss.py:1(f0) <- model.py:2(f1) <- train.py:3(f2)", 1)]
+    assert abs(result["sites"][0]["mib"] * 2**20 - 350) < 1e-6
+
+
+def test_live_at_peak_of_a_step_that_frees_more_than_it_allocates():
+    """No allocation raises the total above the base: no peak event, no sites."""
+    trace = [_event("free_requested", 9, 500), _event("alloc", 1, 100, "/w/a.py")]
+    result = bench_step.live_at_peak(trace, base=1000, top=3)
+    assert result["event"] is None and result["at"] is None and result["sites"] == []
+    assert bench_step.site([]) == "native"
