@@ -39,7 +39,9 @@ kernels' sum) is what the host's launches cost a host-bound step, and
 --host-profile N lists the N kernels the GPU waits longest before (idle gaps
 in the profiled step) and, per thread, the N Python lines the host spends most
 time in over one step and the N functions it spends most time within (sampled
-stacks, the backward's thread included), to find it. Each step is timed from
+stacks, the backward's thread included), to find it. --peak-sites N records
+one more step's allocations and lists the N call sites whose memory is live
+at its peak (``peak_sites`` in the record). Each step is timed from
 an idle GPU (the host syncs after each), or with --back-to-back queued behind
 the one before, as TorchTitan's loop runs them: there a step's first launches
 are hidden behind the previous step's GPU work. Writes
