@@ -75,7 +75,7 @@ def rmsnorm_dgrad_fp8(
     """dx as ``rmsnorm_linear_grads_fp8`` gives it, and ``dzr``'s FP8 cast with only
     the transposed copy the wgrad reads: the dgrad's operands (the weight's and
     ``dzr``'s row-major FP8 copies) are freed on return, before the wgrad
-    allocates its output, where a block's backward peaks in memory."""
+    allocates its output (for W13, the largest of a block's backward)."""
     w = fp8_operands.weight(weights, norm_weight, interleave, last=True)
     dz = fp8_operands.quantize(dzr, "grad", fp8, fp8_operands.row(history, dzr_row), cols=True,
                                times=w.inv_scale)

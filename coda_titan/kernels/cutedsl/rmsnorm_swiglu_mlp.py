@@ -185,8 +185,8 @@ def swiglu_mlp_grads_fp8(
     g = fp8_operands.quantize(dout, "grad", fp8, fp8_operands.row(history, DOUT_ROW), cols=True,
                               times=w.inv_scale)
     dgu, act, drstd = dswiglu_drstd_gemm(g.rows, w.cols, gu, rstd, g.dq)
-    # Each operand goes as soon as its last GEMM is queued: the W13 wgrad's
-    # output is where a block's backward peaks in memory (the 8B step's peak).
+    # Each operand goes as soon as its last GEMM is queued: held to the end,
+    # they put the W13 wgrad's output at the 8B step's memory peak, over float8's.
     del w
     dw2 = fp8_operands.wgrad(g, act, fp8, fp8_operands.row(history, A_ROW))
     del g, act
