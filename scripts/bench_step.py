@@ -523,7 +523,7 @@ def main():
         prof = rec["profile_ms"]
         print(f"{arm:9s} {args.flavor} seq {args.seq} x {args.batch} (attention "
               f"{rec['attention']}): {rec['step_ms']:.1f} ms/step, "
-              f"{rec['tok_s'] / 1e3:.1f}k tok/s, peak {rec['peak_gib']:.1f} GiB, first loss "
+              f"{rec['tok_s'] / 1e3:.1f}k tok/s, peak {rec['peak_gib']:.3f} GiB, first loss "
               f"{rec['first_loss']:.4f} | profile gemm {prof['gemm']:.1f} attention "
               f"{prof['attention']:.1f} other {prof['other']:.1f} ms, GPU idle "
               f"{rec['gpu_idle_ms']:.1f} ms", flush=True)
@@ -536,7 +536,7 @@ def main():
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['arm']} | {r['attention']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
               f"{r.get('speedup_vs_baseline', float('nan')):.3f} | "
-              f"{r.get('speedup_vs_float8', float('nan')):.3f} | {r['peak_gib']:.1f} | "
+              f"{r.get('speedup_vs_float8', float('nan')):.3f} | {r['peak_gib']:.3f} | "
               f"{r['profile_ms']['gemm']:.1f} | {r['profile_ms']['attention']:.1f} | "
               f"{r['profile_ms']['other']:.1f} | {r['gpu_idle_ms']:.1f} |" for r in records]
     write_results(args.out, f"step_{args.flavor.lower()}",
