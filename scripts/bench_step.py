@@ -337,8 +337,9 @@ def live_at_peak(trace: list[dict], base: int, top: int) -> dict:
                 at_peak.pop(event["addr"], None)
     sizes, counts = collections.Counter(), collections.Counter()
     for event in at_peak.values():
-        sizes[site(event["frames"])] += event["size"]
-        counts[site(event["frames"])] += 1
+        name = site(event["frames"])
+        sizes[name] += event["size"]
+        counts[name] += 1
     return dict(peak_gib=peak / 2**30, base_gib=base / 2**30,
                 event=peak_event, events=len(trace),
                 at=None if peak_event is None else site(trace[peak_event]["frames"]),
