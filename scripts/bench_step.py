@@ -39,7 +39,8 @@ kernels' sum) is what the host's launches cost a host-bound step, and
 --host-profile N lists the N kernels the GPU waits longest before (idle gaps
 in the profiled step) and, per thread, the N Python lines the host spends most
 time in over one step and the N functions it spends most time within (sampled
-stacks, the backward's thread included), to find it. --peak-sites N records
+stacks, the backward's thread included), and the N operators with the most host
+time of their own (torch.profiler, ``host_ops``), to find it. --peak-sites N records
 one more step's allocations and lists the N call sites whose memory is live
 at its peak (``peak_sites`` in the record). Each step is timed from
 an idle GPU (the host syncs after each), or with --back-to-back queued behind
@@ -291,6 +292,21 @@ def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
                               key=lambda r: -r["share"])[:top]]
 
 
+def host_ops(step, top: int) -> list[dict]:
+    """The ``top`` operators (ATen ops, custom ops, CUDA API calls) with the most
+    host time of their own over one call of ``step`` (torch.profiler's CPU events:
+    a custom op's own time is the Python of its implementation, its Triton and
+    CuTe DSL launches included), with their count and time including callees."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [dict(op=e.key, count=e.count, self_ms=e.self_cpu_time_total / 1e3,
+                 total_ms=e.cpu_time_total / 1e3) for e in events]
+
+
 def _stack(frame, stop):
     """``frame`` and its callers, up to (not including) ``stop``."""
     while frame is not None and frame is not stop:
@@ -458,7 +474,7 @@ def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
             print(f"   {event.device_time_total / 1e3:8.2f} ms x{event.count:4d} "
                   f"[{classify(event.key)}] {event.key[:100]}")
     step_ms = statistics.median(times)
-    host, gaps = [], []
+    host, ops, gaps = [], [], []
     if host_top:
         gaps = idle_gaps(prof, host_top)
         for row in gaps:
@@ -470,6 +486,10 @@ def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
         for row in host:
             print(f"   {row['ms']:8.2f} ms {100 * row['share']:5.1f}% of {row['thread']:6s} "
                   f"{row['kind']:6s} {row['function'][:90]}")
+        ops = host_ops(step, host_top)
+        for row in ops:
+            print(f"   {row['self_ms']:8.2f} ms own, {row['total_ms']:8.2f} with callees, "
+                  f"x{row['count']:5d} {row['op'][:90]}")
     peak_at = peak_sites(step, peak_top) if peak_top else None
     if peak_at:
         print(f"   peak {peak_at['peak_gib']:.4f} GiB at allocation {peak_at['event']} of "
@@ -484,7 +504,8 @@ def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
                   timing="back-to-back" if back_to_back else "synced", step_ms=step_ms,
                   tok_s=batch * seq / step_ms * 1e3, peak_gib=peak, first_loss=first_loss,
                   profile_ms=breakdown, gpu_idle_ms=step_ms - sum(breakdown.values()),
-                  **({"host_profile": host, "idle_before": gaps} if host_top else {}),
+                  **({"host_profile": host, "host_ops": ops, "idle_before": gaps}
+                     if host_top else {}),
                   **({"peak_sites": peak_at} if peak_top else {}))
     return record
 
@@ -502,7 +523,8 @@ def main():
     parser.add_argument("--host-profile", type=int, default=0, metavar="N",
                         help="print (and record) the N kernels the GPU waits longest before and, "
                              "per thread, the N Python lines and the N functions with the most "
-                             "host time over one step")
+                             "host time over one step, and the N operators with the most "
+                             "host time of their own")
     parser.add_argument("--ac", default="none",
                         choices=("none", "full", "selective", "selective-op"),
                         help="TorchTitan activation checkpointing (8B takes full on 80 GB)")
