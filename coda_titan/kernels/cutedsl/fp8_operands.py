@@ -48,6 +48,7 @@ import triton.language as tl
 
 from ..fp8 import AMAX_FLOOR, FORMATS, HISTORY
 from ..prepared_weights import held, hold, prepared, taken
+from .triton_launch import Launched
 
 CAST_BLOCK = 128
 
@@ -105,6 +106,7 @@ def _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
     return x.to(tl.float32), rm, rn
 
 
+@Launched
 @triton.jit
 def _amax_kernel(x_ptr, x1_ptr, x2_ptr, g_ptr, amax_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
                  INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr):
@@ -113,6 +115,7 @@ def _amax_kernel(x_ptr, x1_ptr, x2_ptr, g_ptr, amax_ptr, m, n, n0, n1, SOURCES: 
     tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
 
 
+@Launched
 @triton.jit
 def _cast_kernel(x_ptr, x1_ptr, x2_ptr, g_ptr, amax_ptr, history_ptr, q_ptr, qt_ptr, inv_scale_ptr,
                  times_ptr, dq_ptr, m, n, n0, n1, qt_cols, fmax, floor, SOURCES: tl.constexpr,
@@ -178,6 +181,7 @@ def _group_pointers(table_ptr):
             tl.multiple_of(tl.load(row + 4).to(tl.pointer_type(tl.float8e4nv), bitcast=True), 16))
 
 
+@Launched
 @triton.jit
 def _amax_group_kernel(table_ptr, amax_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
                        INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr):
@@ -187,6 +191,7 @@ def _amax_group_kernel(table_ptr, amax_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
     tl.atomic_max(amax_ptr + tl.program_id(2), tl.max(tl.max(tl.abs(x), 1), 0))
 
 
+@Launched
 @triton.jit
 def _cast_group_kernel(table_ptr, amax_ptr, inv_scale_ptr, m, n, n0, n1, fmax, floor,
                        SOURCES: tl.constexpr, INTERLEAVE: tl.constexpr, FOLD: tl.constexpr,
@@ -347,6 +352,7 @@ def row(history: torch.Tensor | None, index: int) -> torch.Tensor | None:
     return None if history is None else history[index]
 
 
+@Launched
 @triton.jit
 def _transpose_kernel(x_ptr, y_ptr, m, n, BLOCK: tl.constexpr):
     """One BLOCK x BLOCK tile of the bytes of ``x`` (m, n) stored transposed in ``y`` (n, m)."""
