@@ -6,8 +6,12 @@ reference is also the CPU fallback. The attention core is chosen on its own
 (``[coda] attention``): ``attention_for(kernel)``.
 """
 
+import hashlib
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
+
+import torch
 
 from ..backend import FP8_KERNEL_RECIPES
 from .fp8 import RECIPES
@@ -27,6 +31,27 @@ __all__ = [
     "rmsnorm_swiglu_mlp",
     "token_positions",
 ]
+
+
+
+def compile_cache_tag(root: Path) -> str:
+    """A tag naming the Python sources under ``root`` (a digest of their paths and bytes)."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return f"coda_titan-kernels-{digest.hexdigest()[:16]}"
+
+
+# torch.compile's disk caches (Inductor's FX graph cache, AOTAutograd's) key a
+# compiled graph by its nodes, where each of our custom ops is only a name: the
+# backward formula and fake implementation registered for it are not in the
+# key. An op whose outputs changed loaded the old compiled backward, which
+# failed its size checks (on the H200, a cache kept from the previous version).
+# So the sources of the ops join every cache key, beside any tag of the user's.
+COMPILE_CACHE_TAG = compile_cache_tag(Path(__file__).resolve().parent)
+if COMPILE_CACHE_TAG not in torch.compiler.config.cache_key_tag:
+    torch.compiler.config.cache_key_tag = "+".join(
+        t for t in (torch.compiler.config.cache_key_tag, COMPILE_CACHE_TAG) if t)
 
 REFERENCE = SimpleNamespace(
     rmsnorm_qkv_rope=rmsnorm_qkv_rope,
