@@ -125,6 +125,44 @@ def test_linear_residual_sumsq_kernel(m, d, k):
     check(OPS.linear_residual_sumsq, REFERENCE.linear_residual_sumsq, [x, o, w], [grad_out])
 
 
+@pytest.mark.parametrize("rows,d,interleave", [
+    ((14336, 14336), 4096, True),   # 8B W1/W3
+    ((2048, 512, 512), 2048, False),  # 1B Wq/Wk/Wv
+    ((4096,), 4096, False),  # an LM head's
+    ((40, 24, 8), 72, False),  # partial tiles, every stacked source in one
+    ((200, 200), 136, True),
+])
+def test_unfold_grads_kernel(rows, d, interleave):
+    """``unfold`` against ``unfold_weight_grads`` in float64, per weight (its
+    rows of dW' taken as ``stack_rows`` stacks them), into poisoned outputs."""
+    import importlib
+
+    from coda_titan.kernels.deferred_rmsnorm import norm_weight_grad_acc, unfold_weight_grads
+
+    unfold = importlib.import_module("coda_titan.kernels.cutedsl.unfold_grads").unfold
+    stack_rows = importlib.import_module("coda_titan.kernels.cutedsl.gemm").stack_rows
+    torch.manual_seed(sum(rows) + d)
+    dev, bf = "cuda", torch.bfloat16
+    weights = [torch.randn(r, d, device=dev, dtype=bf) * d**-0.5 for r in rows]
+    g = (torch.rand(d, device=dev) + 0.5).to(bf)
+    folded_grad = torch.randn(sum(rows), d, device=dev, dtype=bf)
+    poison_allocator()
+    *dws, dg = unfold(folded_grad, weights, g, interleave)
+    # Each weight's rows of dW', found by stacking row indices as the weights are.
+    index = stack_rows([torch.arange(r, device=dev) + sum(rows[:i]) for i, r in enumerate(rows)],
+                       interleave)
+    parts = [folded_grad[(index >= sum(rows[:i])) & (index < sum(rows[:i + 1]))]
+             for i in range(len(rows))]
+    truth = [unfold_weight_grads(p.double(), w.double(), g.double())
+             for p, w in zip(parts, weights)]
+    for i, (dw, p, (t_dw, _)) in enumerate(zip(dws, parts, truth)):
+        r_dw = unfold_weight_grads(p, weights[i], g)[0]
+        assert torch.equal(dw, r_dw), f"dW{i}: dW' * g rounds once, as the reference does"
+        assert_close_to_truth(f"dW{i}", dw, r_dw, t_dw)
+    r_dg = sum(norm_weight_grad_acc(p, w) for p, w in zip(parts, weights)).to(bf)
+    print(assert_close_to_truth("dg", dg, r_dg, sum(t_dg for _, t_dg in truth)))
+
+
 def qkv_rope_inputs(batch, seqlen, d, hq, hkv):
     """([x, g, wq, wk, wv], freqs_cis, positions, [grad]) on fresh random values."""
     from coda_titan.kernels import token_positions

@@ -77,29 +77,46 @@ class Fp8Operand(NamedTuple):
 
 
 @triton.jit
-def _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
-          INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's BLOCK x BLOCK tile (rows rm, columns rn) of
-    ``X = stack_rows([x, x1, x2][:SOURCES], INTERLEAVE)``, or with FOLD of
-    ``fold_norm_weight(X, g)`` (rounded to x's dtype, as the reference folds), in
-    fp32 with zeros outside; ``n0``, ``n1``: the rows of x and x1 when stacked."""
-    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def stacked_source(rm, n0, n1, SOURCES: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """For rows ``rm`` of ``stack_rows(sources, INTERLEAVE)`` (of 2 or 3 sources,
+    ``n0``, ``n1`` rows in the first two), the source each comes from and its row there."""
+    if INTERLEAVE:
+        source, row = rm % SOURCES, rm // SOURCES
+    else:
+        source = (rm >= n0).to(tl.int32) + (rm >= n0 + n1).to(tl.int32)
+        row = rm - tl.where(source == 0, 0, tl.where(source == 1, n0, n0 + n1))
+    return source, row
+
+
+@triton.jit
+def stacked_load(x_ptr, x1_ptr, x2_ptr, rm, rn, m, n, n0, n1, SOURCES: tl.constexpr,
+                 INTERLEAVE: tl.constexpr):
+    """Rows ``rm``, columns ``rn`` of ``X = stack_rows([x, x1, x2][:SOURCES],
+    INTERLEAVE)`` (each source ``n`` columns wide), in x's dtype, zeros outside."""
     inside = (rm[:, None] < m) & (rn[None, :] < n)
     if SOURCES == 1:
         x = tl.load(x_ptr + rm[:, None] * n + rn[None, :], mask=inside, other=0.0)
     else:
-        if INTERLEAVE:
-            source, row = rm % SOURCES, rm // SOURCES
-        else:
-            source = (rm >= n0).to(tl.int32) + (rm >= n0 + n1).to(tl.int32)
-            row = rm - tl.where(source == 0, 0, tl.where(source == 1, n0, n0 + n1))
+        source, row = stacked_source(rm, n0, n1, SOURCES, INTERLEAVE)
         offsets, source = row[:, None] * n + rn[None, :], source[:, None]
         # Each element is loaded from its one source (the others masked off).
         x = tl.load(x_ptr + offsets, mask=inside & (source == 0), other=0.0)
         x += tl.load(x1_ptr + offsets, mask=inside & (source == 1), other=0.0)
         if SOURCES == 3:
             x += tl.load(x2_ptr + offsets, mask=inside & (source == 2), other=0.0)
+    return x
+
+
+@triton.jit
+def stacked_tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
+                 INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's BLOCK x BLOCK tile (rows rm, columns rn) of
+    ``X = stack_rows([x, x1, x2][:SOURCES], INTERLEAVE)``, or with FOLD of
+    ``fold_norm_weight(X, g)`` (rounded to x's dtype, as the reference folds), in
+    fp32 with zeros outside; ``n0``, ``n1``: the rows of x and x1 when stacked."""
+    rm = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    x = stacked_load(x_ptr, x1_ptr, x2_ptr, rm, rn, m, n, n0, n1, SOURCES, INTERLEAVE)
     if FOLD:
         g = tl.load(g_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)
         x = (x.to(tl.float32) * g[None, :]).to(x_ptr.dtype.element_ty)
@@ -110,8 +127,9 @@ def _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
 @triton.jit
 def _amax_kernel(x_ptr, x1_ptr, x2_ptr, g_ptr, amax_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
                  INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr):
-    """The amax of one tile of ``_tile``'s X, an atomic max into ``amax`` (zeroed)."""
-    x, _, _ = _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE, FOLD, BLOCK)
+    """The amax of one tile of ``stacked_tile``'s X, an atomic max into ``amax`` (zeroed)."""
+    x, _, _ = stacked_tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE,
+                           FOLD, BLOCK)
     tl.atomic_max(amax_ptr, tl.max(tl.max(tl.abs(x), 1), 0))
 
 
@@ -122,7 +140,7 @@ def _cast_kernel(x_ptr, x1_ptr, x2_ptr, g_ptr, amax_ptr, history_ptr, q_ptr, qt_
                  INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, ROWS: tl.constexpr,
                  COLS: tl.constexpr, DELAYED: tl.constexpr, RECORD: tl.constexpr,
                  TIMES: tl.constexpr, HISTORY: tl.constexpr, BLOCK: tl.constexpr):
-    """One tile of ``_tile``'s X scaled by ``fmax / amax``, saturated and rounded
+    """One tile of ``stacked_tile``'s X scaled by ``fmax / amax``, saturated and rounded
     to FP8: stored as is (ROWS) and transposed (COLS; its padding columns get zeros).
     ``amax``: the largest past amax of the history (DELAYED) or the given one; RECORD:
     the tile's amax goes into the history's current entry (an atomic max); TIMES:
@@ -147,7 +165,8 @@ def _scaled_tile(x_ptr, x1_ptr, x2_ptr, g_ptr, amax, q_ptr, qt_ptr, m, n, n0, n1
                  ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK: tl.constexpr):
     """``_cast_kernel``'s tile from the given ``amax``; returns the tile (fp32) and the scale."""
     scale = tl.where(amax > 0, fmax / tl.maximum(amax, floor), 1.0)
-    x, rm, rn = _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE, FOLD, BLOCK)
+    x, rm, rn = stacked_tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE,
+                             FOLD, BLOCK)
     y = tl.clamp(x * scale, -fmax, fmax)
     if ROWS:
         tl.store(q_ptr + rm[:, None] * n + rn[None, :], y.to(q_ptr.dtype.element_ty),
@@ -187,7 +206,8 @@ def _amax_group_kernel(table_ptr, amax_ptr, m, n, n0, n1, SOURCES: tl.constexpr,
                        INTERLEAVE: tl.constexpr, FOLD: tl.constexpr, BLOCK: tl.constexpr):
     """``_amax_kernel`` for a group of equally shaped weights, ``amax[program_id(2)]``."""
     x_ptr, x1_ptr, x2_ptr, g_ptr, _ = _group_pointers(table_ptr)
-    x, _, _ = _tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE, FOLD, BLOCK)
+    x, _, _ = stacked_tile(x_ptr, x1_ptr, x2_ptr, g_ptr, m, n, n0, n1, SOURCES, INTERLEAVE,
+                           FOLD, BLOCK)
     tl.atomic_max(amax_ptr + tl.program_id(2), tl.max(tl.max(tl.abs(x), 1), 0))
 
 
@@ -253,7 +273,7 @@ def quantize_stacked_group(stacks: list[tuple[list[torch.Tensor], torch.Tensor |
                          f"16-byte aligned")
     (shapes, unfolded), = layouts
     device, (m, n) = sources[0].device, (sum(s[0] for s in shapes), shapes[0][1])
-    _check_indexable(m, n)
+    check_indexable(m, n)
     dtype = FORMATS["weight"]
     outputs = [torch.empty(m, n, dtype=dtype, device=device) for _ in stacks]
     table = torch.tensor(
@@ -264,7 +284,7 @@ def quantize_stacked_group(stacks: list[tuple[list[torch.Tensor], torch.Tensor |
     table = (table.pin_memory() if device.type == "cuda" else table).to(device, non_blocking=True)
     amax = torch.zeros(len(stacks), dtype=torch.float32, device=device)
     inv_scale = torch.empty(len(stacks), _SCALE_STRIDE.value, dtype=torch.float32, device=device)
-    n0, n1 = _stacked_rows(shapes)
+    n0, n1 = stacked_rows(shapes)
     layout = _layout(len(shapes), interleave, not unfolded)
     grid = (triton.cdiv(m, CAST_BLOCK), triton.cdiv(n, CAST_BLOCK), len(stacks))
     _amax_group_kernel[grid](table, amax, m, n, n0, n1, **layout)
@@ -279,14 +299,14 @@ def _group_readable(sources: list[torch.Tensor]) -> bool:
                for t in sources)
 
 
-def _check_indexable(m: int, n: int) -> None:
+def check_indexable(m: int, n: int) -> None:
     if (m + 16) * n >= 2**31:
         raise ValueError(f"FP8 cast of a {m} x {n} tensor: the cast kernel indexes in int32, "
                          f"so an operand must have under 2**31 elements; use fewer tokens per "
                          f"micro-batch")
 
 
-def _stacked_rows(shapes) -> tuple[int, int]:
+def stacked_rows(shapes) -> tuple[int, int]:
     """``n0``, ``n1`` of the cast kernels: the rows of the first two stacked sources."""
     return tuple(([s[0] for s in shapes] + [0])[:2])
 
@@ -317,7 +337,7 @@ def _cast(sources: list[torch.Tensor], norm_weight: torch.Tensor | None, interle
           times: torch.Tensor | None) -> Fp8Operand:
     dtype, device = FORMATS[kind], sources[0].device
     m, n = sum(s.shape[0] for s in sources), sources[0].shape[1]
-    _check_indexable(m, n)
+    check_indexable(m, n)
     # cuBLAS FP8 wants K (for ``cols``: the wgrads' tokens) a multiple of 16; the
     # zero columns of the padding add nothing to the sums.
     padded = m + -m % 16
@@ -329,7 +349,7 @@ def _cast(sources: list[torch.Tensor], norm_weight: torch.Tensor | None, interle
     x, x1, x2 = (sources + [unused] * 2)[:3]
     layout = _layout(len(sources), interleave, norm_weight is not None)
     stacked = (x, x1, x2, unused if norm_weight is None else norm_weight)
-    n0, n1 = _stacked_rows([s.shape for s in sources])
+    n0, n1 = stacked_rows([s.shape for s in sources])
     amax = None
     if not delayed:
         amax = torch.zeros(1, dtype=torch.float32, device=device)

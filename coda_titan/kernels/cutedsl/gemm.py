@@ -11,7 +11,7 @@ are copied inside the op.
 
 import torch
 
-from ..deferred_rmsnorm import fold_norm_weight, norm_weight_grad_acc, weight_grad
+from ..deferred_rmsnorm import fold_norm_weight
 from ..prepared_weights import prepared, taken
 
 
@@ -58,12 +58,12 @@ TILES = {
 
 
 # Weight-sized steps around the GEMMs: the projections of one fused GEMM
-# (wq/wk/wv concatenated, w1/w3 with rows interleaved) stacked, the norm
-# weight folded in, and the reverse for the gradients, each one pass fused by
-# Inductor (eager PyTorch would make several passes over V x D fp32
-# temporaries). The block ops fold through ``folded_weight`` (kept across
-# passes where the converter chooses so); the custom ops keep them opaque to
-# whatever traces the backward formulas.
+# (wq/wk/wv concatenated, w1/w3 with rows interleaved) stacked and the norm
+# weight folded in, one pass fused by Inductor (eager PyTorch would make
+# several passes over V x D fp32 temporaries; the reverse, for the gradients,
+# is ``.unfold_grads``). The block ops fold through ``folded_weight`` (kept
+# across passes where the converter chooses so); the custom ops keep it opaque
+# to whatever traces the backward formulas.
 def stack_rows(weights: list[torch.Tensor], interleave: bool) -> torch.Tensor:
     """[W1; W2; ...] or, interleaved, [W1[0]; W2[0]; W1[1]; W2[1]; ...]."""
     return torch.stack(weights, dim=1).flatten(0, 1) if interleave else torch.cat(weights)
@@ -72,16 +72,6 @@ def stack_rows(weights: list[torch.Tensor], interleave: bool) -> torch.Tensor:
 @torch.compile(dynamic=False)
 def _fold_weight(weights, norm_weight, interleave: bool):
     return fold_norm_weight(stack_rows(weights, interleave), norm_weight)
-
-
-@torch.compile(dynamic=False)
-def _unfold_grads(folded_grad, weights, norm_weight, interleave: bool):
-    # Per weight, from its rows of dW': each gradient its own tensor.
-    parts = ([folded_grad[i :: len(weights)] for i in range(len(weights))] if interleave
-             else folded_grad.split([w.shape[0] for w in weights]))
-    dws = [weight_grad(p, norm_weight, w.dtype) for p, w in zip(parts, weights)]
-    dg = sum(norm_weight_grad_acc(p, w) for p, w in zip(parts, weights))
-    return dws + [dg.to(norm_weight.dtype)]
 
 
 def folded_weight(weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
@@ -107,20 +97,6 @@ def fold_weight(weights: list[torch.Tensor], norm_weight: torch.Tensor, interlea
 @fold_weight.register_fake
 def _(weights, norm_weight, interleave):
     return weights[0].new_empty(sum(w.shape[0] for w in weights), weights[0].shape[1])
-
-
-@torch.library.custom_op("coda::unfold_grads", mutates_args=(), device_types="cuda")
-def unfold_grads(
-    folded_grad: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor,
-    interleave: bool,
-) -> list[torch.Tensor]:
-    """``[dW1, dW2, ..., dg]`` from the stacked ``dW'`` (``unfold_weight_grads``) in one pass."""
-    return _unfold_grads(folded_grad, weights, norm_weight, interleave)
-
-
-@unfold_grads.register_fake
-def _(folded_grad, weights, norm_weight, interleave):
-    return [torch.empty_like(w) for w in weights] + [torch.empty_like(norm_weight)]
 
 
 def tile_partials(rows: int, cols: int, cfg: dict, device: torch.device) -> torch.Tensor:

@@ -31,9 +31,9 @@ from ..fallback import report_fallback, unsupported_reason
 from ..rmsnorm_linear_cross_entropy import (
     IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
-from .gemm import (
-    TILES, aligned, fold_weight, tile_partials, unfold_grads)
+from .gemm import TILES, aligned, fold_weight, tile_partials
 from .row_kernels import row_rstd
+from .unfold_grads import unfold_grads
 
 CFG_LOGITS = TILES["logits"]
 CFG_DGRAD = TILES["lm_head_dgrad"]

@@ -16,6 +16,7 @@ from quack.epilogue.ops import ColVecLoad, Scalar
 
 from . import fp8_operands
 from .gemm import TILES, aligned, folded_weight
+from .unfold_grads import unfold
 
 CFG = TILES["rmsnorm_grad"]
 OPS = {"corr": ColVecLoad("corr"), "dq": Scalar("dq")}
@@ -88,17 +89,21 @@ def rmsnorm_linear_grads_fp8(
     dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
     x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None, fp8: str,
     history: torch.Tensor | None, dzr_row: int, x_row: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dW') in FP8 from the bf16 ``dzr``, cast once for both GEMMs: the dgrad
-    with the RMSNorm backward in its epilogue, the wgrad ``dzr.T @ x`` in cuBLAS.
-    ``history``: the block's amax history (rows ``dzr_row``, ``x_row``; writes
-    not declared, as in ``.linear_residual_sumsq``)."""
+) -> list[torch.Tensor]:
+    """``[dx, dW_1, ..., dg]`` in FP8 from the bf16 ``dzr``, cast once for both
+    GEMMs: the dgrad with the RMSNorm backward in its epilogue, the wgrad
+    ``dW' = dzr.T @ x`` in cuBLAS, unfolded (``unfold``). ``history``: the block's
+    amax history (rows ``dzr_row``, ``x_row``; writes not declared, as in
+    ``.linear_residual_sumsq``)."""
     dx, dz = rmsnorm_dgrad_fp8(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad,
                                fp8, history, dzr_row)
-    return dx, fp8_operands.wgrad(dz, x, fp8, fp8_operands.row(history, x_row))
+    folded_grad = fp8_operands.wgrad(dz, x, fp8, fp8_operands.row(history, x_row))
+    del dz
+    return [dx, *unfold(folded_grad, weights, norm_weight, interleave)]
 
 
 @rmsnorm_linear_grads_fp8.register_fake
 def _(dzr, weights, norm_weight, interleave, x, zdz_r2, residual_grad, fp8, history, dzr_row,
       x_row):
-    return torch.empty_like(x), x.new_empty(dzr.shape[1], x.shape[1])
+    return ([torch.empty_like(x)] + [torch.empty_like(w) for w in weights]
+            + [torch.empty_like(norm_weight)])

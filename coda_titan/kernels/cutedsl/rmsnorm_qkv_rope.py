@@ -38,9 +38,10 @@ from ..fallback import fallback_recipe, report_fallback, unsupported_reason
 from ..fp8 import history_index
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from . import fp8_operands
-from .gemm import TILES, aligned, folded_weight, unfold_grads
+from .gemm import TILES, aligned, folded_weight
 from .rmsnorm_linear_grad import rmsnorm_linear_grad, rmsnorm_linear_grads_fp8
 from .row_kernels import RowKernel, compile_row_kernel, load_row, row_major, rstd_rows, vector
+from .unfold_grads import unfold_grads
 
 CFG = TILES["qkv_rope"]
 X_ROW, DZR_ROW = (history_index("rmsnorm_qkv_rope", row) for row in ("x", "dzr"))
@@ -235,11 +236,10 @@ def _backward(ctx, dqkv, _drstd):
     weights, zdz_r2 = [wq, wk, wv], rstd.square() * zdz
     if ctx.fp8 is None:
         dx = rmsnorm_linear_grad(dzr, weights, norm_weight, False, x, zdz_r2, None)
-        folded_grad = dzr.t() @ x
+        dwq, dwk, dwv, dnorm = unfold_grads(dzr.t() @ x, weights, norm_weight, False)
     else:
-        dx, folded_grad = rmsnorm_linear_grads_fp8(dzr, weights, norm_weight, False, x, zdz_r2,
-                                                   None, ctx.fp8, history, DZR_ROW, X_ROW)
-    dwq, dwk, dwv, dnorm = unfold_grads(folded_grad, weights, norm_weight, False)
+        dx, dwq, dwk, dwv, dnorm = rmsnorm_linear_grads_fp8(
+            dzr, weights, norm_weight, False, x, zdz_r2, None, ctx.fp8, history, DZR_ROW, X_ROW)
     return dx, dnorm, dwq, dwk, dwv, None, None, None, None, None, None
 
 

@@ -43,10 +43,10 @@ from ..fp8 import history_index
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from . import fp8_operands
-from .gemm import (
-    TILES, aligned, folded_weight, tile_partials, unfold_grads)
+from .gemm import TILES, aligned, folded_weight, tile_partials
 from .linear_residual_sumsq import linear_residual
 from .rmsnorm_linear_grad import rmsnorm_dgrad_fp8, rmsnorm_linear_grad
+from .unfold_grads import unfold, unfold_grads
 
 CFG_UP = TILES["swiglu"]
 CFG_DOWN_GRAD = TILES["dswiglu"]
@@ -178,9 +178,10 @@ def swiglu_mlp_grads_fp8(
     dout: torch.Tensor, h2d: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor,
     norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, fp8: str,
     history: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dh, dW2, dW13') as ``_backward_bf16`` with every GEMM in FP8: the dgrads in
-    the epilogue GEMMs, the wgrads in cuBLAS from the transposed casts."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW2, dW1, dW3, dg) as ``_backward_bf16`` and ``unfold`` give them, with
+    every GEMM in FP8: the dgrads in the epilogue GEMMs, the wgrads in cuBLAS from
+    the transposed casts."""
     w = fp8_operands.weight([w2], None, False, last=True)
     g = fp8_operands.quantize(dout, "grad", fp8, fp8_operands.row(history, DOUT_ROW), cols=True,
                               times=w.inv_scale)
@@ -193,12 +194,15 @@ def swiglu_mlp_grads_fp8(
     dh, dgu_t = rmsnorm_dgrad_fp8(dgu, [w1, w3], norm_weight, True, h2d, rstd.pow(3) * drstd,
                                   dout, fp8, history, DZR_ROW)
     del dgu
-    return dh, dw2, fp8_operands.wgrad(dgu_t, h2d, fp8, fp8_operands.row(history, H_ROW))
+    dw13 = fp8_operands.wgrad(dgu_t, h2d, fp8, fp8_operands.row(history, H_ROW))
+    del dgu_t
+    return dh, dw2, *unfold(dw13, [w1, w3], norm_weight, True)
 
 
 @swiglu_mlp_grads_fp8.register_fake
 def _(dout, h2d, gu, rstd, norm_weight, w1, w3, w2, fp8, history):
-    return torch.empty_like(h2d), torch.empty_like(w2), gu.new_empty(gu.shape[1], h2d.shape[1])
+    return (torch.empty_like(h2d), torch.empty_like(w2), torch.empty_like(w1),
+            torch.empty_like(w3), torch.empty_like(norm_weight))
 
 
 def _backward(ctx, dout):
@@ -208,10 +212,10 @@ def _backward(ctx, dout):
     dout = dout.reshape(h2d.shape).contiguous()
     if ctx.fp8 is None:
         dh, dw2, dw13 = _backward_bf16(dout, h2d, gu, rstd, norm_weight, w1, w3, w2)
+        dw1, dw3, dnorm = unfold_grads(dw13, [w1, w3], norm_weight, True)
     else:
-        dh, dw2, dw13 = swiglu_mlp_grads_fp8(dout, h2d, gu, rstd, norm_weight, w1, w3, w2,
-                                             ctx.fp8, history)
-    dw1, dw3, dnorm = unfold_grads(dw13, [w1, w3], norm_weight, True)
+        dh, dw2, dw1, dw3, dnorm = swiglu_mlp_grads_fp8(dout, h2d, gu, rstd, norm_weight, w1,
+                                                        w3, w2, ctx.fp8, history)
     return dh.view(h.shape), None, None, None, dnorm, dw1, dw3, dw2, None, None, None
 
 
