@@ -295,8 +295,8 @@ def host_profile(fn, top: int, interval_s: float = 2e-4) -> list[dict]:
 def host_ops(step, top: int) -> list[dict]:
     """The ``top`` operators (ATen ops, custom ops, CUDA API calls) with the most
     host time of their own over one call of ``step`` (torch.profiler's CPU events:
-    a custom op's own time is the Python of its implementation, its Triton and
-    CuTe DSL launches included), with their count and time including callees."""
+    a custom op's own time is its implementation's Python, the launch API calls
+    in it being rows of their own), with their count and time including callees."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

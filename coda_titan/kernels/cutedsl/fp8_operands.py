@@ -299,11 +299,13 @@ def _group_readable(sources: list[torch.Tensor]) -> bool:
                for t in sources)
 
 
-def check_indexable(m: int, n: int) -> None:
+def check_indexable(m: int, n: int, what: str = "FP8 cast",
+                    remedy: str = "; for an activation or gradient, use fewer tokens per "
+                                  "micro-batch") -> None:
+    """``what``'s kernel indexes a (m, n) tensor (with 16 rows of padding) in int32."""
     if (m + 16) * n >= 2**31:
-        raise ValueError(f"FP8 cast of a {m} x {n} tensor: the cast kernel indexes in int32, "
-                         f"so an operand must have under 2**31 elements; use fewer tokens per "
-                         f"micro-batch")
+        raise ValueError(f"{what} of a {m} x {n} tensor: the kernel indexes in int32, so the "
+                         f"tensor must have under 2**31 elements{remedy}")
 
 
 def stacked_rows(shapes) -> tuple[int, int]:

@@ -12,8 +12,10 @@ Triton specializes: Triton 3.6 specializes a tensor argument on its dtype and
 on whether its address is a multiple of 16, an integer on being 1 or a
 multiple of 16, and compiles each constexpr value apart; the key holds each
 tensor argument's dtype and address modulo 16, and the type and value of every
-other argument and option. Equal keys therefore mean equal specializations, and a
-variant is never run on arguments it was not compiled for. A key seen first
+other argument and option. Equal keys therefore mean equal argument
+specializations, and a variant is never run on arguments it was not compiled
+for. Triton's debug and instrumentation knobs are read at a key's first
+launch only. A key seen first
 goes through Triton's own launch, which compiles or finds the variant;
 later ones go straight to its launcher. Triton's launch hooks
 (``knobs.runtime.launch_enter_hook``, for its own profiler) are not called on
@@ -46,8 +48,10 @@ class Launched:
                  for a in args))
         variant = self.variants.get(key)
         if variant is None:
-            # The launcher takes every parameter in order, the constexprs too.
-            self.variants[key] = (self.fn[grid](*args, **kwargs), self.fn.arg_names[len(args):])
+            kernel = self.fn[grid](*args, **kwargs)
+            if kernel is not None:  # None: Triton did not compile one (its interpreter, a hook)
+                # The launcher takes every parameter in order, the constexprs too.
+                self.variants[key] = (kernel, self.fn.arg_names[len(args):])
             return
         kernel, named = variant
         x, y, z = (*grid, 1, 1)[:3]

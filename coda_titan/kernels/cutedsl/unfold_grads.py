@@ -86,16 +86,18 @@ def unfold(folded_grad: torch.Tensor, weights: list[torch.Tensor], norm_weight: 
     function, for the custom ops to call (a nested custom op costs the host a
     second dispatch)."""
     shapes = [tuple(w.shape) for w in weights]
-    m, n = sum(s[0] for s in shapes), shapes[0][1]
-    if (not 1 <= len(weights) <= 3 or any(len(s) != 2 or s[1] != n for s in shapes)
-            or (interleave and len({s[0] for s in shapes}) > 1)
-            or tuple(folded_grad.shape) != (m, n) or tuple(norm_weight.shape) != (n,)):
+    n = shapes[0][-1] if shapes and shapes[0] else None
+    stackable = (1 <= len(shapes) <= 3 and all(len(s) == 2 and s[1] == n for s in shapes)
+                 and not (interleave and len({s[0] for s in shapes}) > 1))
+    m = sum(s[0] for s in shapes) if stackable else None
+    if (not stackable or tuple(folded_grad.shape) != (m, n)
+            or tuple(norm_weight.shape) != (n,)):
         raise ValueError(f"unfold of a {tuple(folded_grad.shape)} folded gradient into weights "
                          f"{shapes} (interleaved: {interleave}) and a norm weight of shape "
-                         f"{tuple(norm_weight.shape)}: it takes one to three weights of {n} "
-                         f"columns, equal in rows when interleaved, their rows stacked in the "
-                         f"gradient, and one norm weight entry per column")
-    check_indexable(m, n)
+                         f"{tuple(norm_weight.shape)}: it takes one to three 2-D weights of "
+                         f"equal columns, equal in rows when interleaved, their rows stacked "
+                         f"in the gradient, and one norm weight entry per column")
+    check_indexable(m, n, "weight-gradient unfold", "")
     folded_grad, norm_weight = folded_grad.contiguous(), norm_weight.contiguous()
     weights = [w.contiguous() for w in weights]
     grads = [torch.empty_like(w) for w in weights]
