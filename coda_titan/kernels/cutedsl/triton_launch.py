@@ -2,10 +2,10 @@
 gradients' unfold run hundreds of times a step, in steps the host limits.
 
 On the H200's host, Triton 3.6's ``JITFunction.run`` spent 36.9 us per launch
-of the cast kernel, this 18.0 us (one process, GPU held busy; the compiled
-kernel's launcher alone, 14-20 us). The rest (its binder's specialization of every argument,
-option parsing, a cache-key string, checks of global values, hooks) is the
-same for every launch of one variant.
+of the cast kernel, this path 18.0 us (one process, GPU held busy; the
+compiled kernel's launcher alone takes 14-20 us). The rest (its binder's
+specialization of every argument, option parsing, a cache-key string, checks
+of global values, hooks) is the same for every launch of one variant.
 
 ``Launched`` keeps a table of the variants Triton compiled, keyed finer than
 Triton specializes: Triton 3.6 specializes a tensor argument on its dtype and
@@ -14,12 +14,11 @@ multiple of 16, and compiles each constexpr value apart; the key holds each
 tensor argument's dtype and address modulo 16, and the type and value of every
 other argument and option. Equal keys therefore mean equal argument
 specializations, and a variant is never run on arguments it was not compiled
-for. Triton's debug and instrumentation knobs are read at a key's first
-launch only. A key seen first
-goes through Triton's own launch, which compiles or finds the variant;
-later ones go straight to its launcher. Triton's launch hooks
-(``knobs.runtime.launch_enter_hook``, for its own profiler) are not called on
-that path.
+for. A key seen first goes through Triton's own launch, which compiles or
+finds the variant; later ones go straight to its launcher. So Triton's debug
+and instrumentation knobs are read at a key's first launch only, and its
+launch hooks (``knobs.runtime.launch_enter_hook``, for its own profiler) are
+not called on the direct path.
 """
 
 import functools
