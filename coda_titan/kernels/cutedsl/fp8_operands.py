@@ -248,7 +248,7 @@ def quantize_stacked(weights: list[torch.Tensor], norm_weight: torch.Tensor | No
     """``stack_rows(weights, interleave) [* norm_weight]`` (folded as
     ``fold_norm_weight`` folds) cast to e4m3, tensorwise, without writing the
     stacked bf16 weight: the amax pass and the cast read the sources."""
-    _check_stacked(weights, norm_weight, interleave)
+    check_stacked(weights, norm_weight, interleave)
     return _cast([w.contiguous() for w in weights],
                  None if norm_weight is None else norm_weight.contiguous(), interleave, "weight",
                  False, None, rows, cols, None)
@@ -262,7 +262,7 @@ def quantize_stacked_group(stacks: list[tuple[list[torch.Tensor], torch.Tensor |
     cast) and the copy of their address table: built together, the weights of
     every layer cost the host what one layer's did."""
     for weights, norm_weight in stacks:
-        _check_stacked(weights, norm_weight, interleave)
+        check_stacked(weights, norm_weight, interleave)
     layouts = {(tuple(tuple(w.shape) for w in weights), norm_weight is None)
                for weights, norm_weight in stacks}
     sources = [t for weights, norm_weight in stacks
@@ -318,16 +318,17 @@ def _layout(sources: int, interleave: bool, fold: bool) -> dict:
     return dict(SOURCES=sources, INTERLEAVE=interleave, FOLD=fold, BLOCK=CAST_BLOCK, num_warps=8)
 
 
-def _check_stacked(weights: list[torch.Tensor], norm_weight: torch.Tensor | None,
-                   interleave: bool) -> None:
+def check_stacked(weights: list[torch.Tensor], norm_weight: torch.Tensor | None,
+                  interleave: bool, what: str = "stacked FP8 cast of") -> None:
+    """That ``stack_rows(weights, interleave) [* norm_weight]`` is defined, for ``what``."""
     shapes = [tuple(w.shape) for w in weights]
     if not 1 <= len(weights) <= 3 or (interleave and len({s[0] for s in shapes}) > 1):
-        raise ValueError(f"stacked FP8 cast of weights {shapes}: it takes one to three, "
+        raise ValueError(f"{what} weights {shapes}: it takes one to three, "
                          f"equal in rows when interleaved")
     n = shapes[0][-1]
     if (any(len(s) != 2 or s[1] != n for s in shapes) or len({w.dtype for w in weights}) > 1
             or (norm_weight is not None and tuple(norm_weight.shape) != (n,))):
-        raise ValueError(f"stacked FP8 cast of weights {shapes} "
+        raise ValueError(f"{what} weights {shapes} "
                          f"({', '.join(str(w.dtype) for w in weights)}) with a norm weight of "
                          f"shape {None if norm_weight is None else tuple(norm_weight.shape)}: "
                          f"the weights must be 2-D with the same columns and dtype, the norm "

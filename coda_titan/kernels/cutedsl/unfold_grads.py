@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8_operands import CAST_BLOCK, check_indexable, stacked_load, stacked_rows, stacked_source
+from .fp8_operands import (CAST_BLOCK, check_indexable, check_stacked, stacked_load, stacked_rows,
+                           stacked_source)
 from .triton_launch import Launched
 
 # Rows per program (one partial row each), rows per step, warps: the unfold
@@ -85,18 +86,13 @@ def unfold(folded_grad: torch.Tensor, weights: list[torch.Tensor], norm_weight: 
     ``weights``, 1 to 3 of them, equal in rows when interleaved). A plain
     function, for the custom ops to call (a nested custom op costs the host a
     second dispatch)."""
+    what = f"unfold of a {tuple(folded_grad.shape)} folded gradient into"
+    check_stacked(weights, norm_weight, interleave, what)
     shapes = [tuple(w.shape) for w in weights]
-    n = shapes[0][-1] if shapes and shapes[0] else None
-    stackable = (1 <= len(shapes) <= 3 and all(len(s) == 2 and s[1] == n for s in shapes)
-                 and not (interleave and len({s[0] for s in shapes}) > 1))
-    m = sum(s[0] for s in shapes) if stackable else None
-    if (not stackable or tuple(folded_grad.shape) != (m, n)
-            or tuple(norm_weight.shape) != (n,)):
-        raise ValueError(f"unfold of a {tuple(folded_grad.shape)} folded gradient into weights "
-                         f"{shapes} (interleaved: {interleave}) and a norm weight of shape "
-                         f"{tuple(norm_weight.shape)}: it takes one to three 2-D weights of "
-                         f"equal columns, equal in rows when interleaved, their rows stacked "
-                         f"in the gradient, and one norm weight entry per column")
+    m, n = sum(s[0] for s in shapes), shapes[0][1]
+    if tuple(folded_grad.shape) != (m, n):
+        raise ValueError(f"{what} weights {shapes}: the gradient must be their stacked "
+                         f"{m} x {n}")
     check_indexable(m, n, "weight-gradient unfold", "")
     folded_grad, norm_weight = folded_grad.contiguous(), norm_weight.contiguous()
     weights = [w.contiguous() for w in weights]
