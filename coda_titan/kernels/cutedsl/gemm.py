@@ -12,6 +12,7 @@ are copied inside the op.
 import torch
 
 from ..deferred_rmsnorm import fold_norm_weight
+from ..kernel_op import kernel_op
 from ..prepared_weights import prepared, taken
 
 
@@ -87,7 +88,7 @@ def folded_weight(weights: list[torch.Tensor], norm_weight: torch.Tensor, interl
     return taken(tag, sources, build) if last else prepared(tag, sources, build, keep)
 
 
-@torch.library.custom_op("coda::fold_weight", mutates_args=(), device_types="cuda")
+@kernel_op("coda::fold_weight")
 def fold_weight(weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool) -> torch.Tensor:
     """``stack_rows(weights) * g`` (W' = W * g) in one pass, unshared: for the LM head,
     which folds once per step anyway (its forward computes its gradients)."""

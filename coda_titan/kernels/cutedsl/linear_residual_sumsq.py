@@ -16,6 +16,7 @@ from quack.epilogue.ops import ColVecReduce, Scalar
 
 from ..fallback import fallback_recipe, report_fallback, unsupported_reason
 from ..fp8 import history_index
+from ..kernel_op import kernel_op
 from ..linear_residual_sumsq import linear_residual_sumsq as reference
 from . import fp8_operands
 from .gemm import TILES, aligned, tile_partials
@@ -71,7 +72,7 @@ def linear_residual(x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8:
 # entries, and a max does not depend on the order of the writes. Declared,
 # functionalization would thread a copy of it through every graph, the
 # backward's included.
-@torch.library.custom_op("coda::linear_residual_sumsq_fwd", mutates_args=(), device_types="cuda")
+@kernel_op("coda::linear_residual_sumsq_fwd")
 def linear_residual_sumsq_fwd(
     x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str | None, keep: bool,
     history: torch.Tensor | None, row: int,
@@ -95,7 +96,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-@torch.library.custom_op("coda::linear_grads_fp8", mutates_args=(), device_types="cuda")
+@kernel_op("coda::linear_grads_fp8")
 def linear_grads_fp8(dh: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, fp8: str,
                      history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dh @ W, dh.T @ o)`` in FP8 (``dh`` (M, N) 2-D): both in cuBLAS, the

@@ -28,6 +28,7 @@ from quack.epilogue.library import identity_epi
 from quack.epilogue.ops import ColVecLoad, ColVecReduce, ColVecSelect, OnlineLSEReduce
 
 from ..fallback import report_fallback, unsupported_reason
+from ..kernel_op import kernel_op
 from ..rmsnorm_linear_cross_entropy import (
     IGNORE_INDEX, RMSNormLinearCrossEntropy, check_labels, needs_grad)
 from ..rmsnorm_linear_cross_entropy import rmsnorm_linear_cross_entropy as reference
@@ -63,7 +64,7 @@ def padded_vocab(vocab: int) -> int:
     return -(-vocab // 8) * 8
 
 
-@torch.library.custom_op("coda::rmsnorm_logits_lse", mutates_args=(), device_types="cuda")
+@kernel_op("coda::rmsnorm_logits_lse")
 def rmsnorm_logits_lse(
     h: torch.Tensor, rstd: torch.Tensor, folded_weight: torch.Tensor, target: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -92,7 +93,7 @@ def rmsnorm_correction(acc, h, corr):
     return (acc + h.float() * corr[:, None]).to(h.dtype)
 
 
-@torch.library.custom_op("coda::rmsnorm_lm_head_dgrad", mutates_args=(), device_types="cuda")
+@kernel_op("coda::rmsnorm_lm_head_dgrad")
 def rmsnorm_lm_head_dgrad(
     dzr: torch.Tensor, folded_weight: torch.Tensor, h: torch.Tensor, rstd: torch.Tensor
 ) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from quack.epilogue import gemm_epilogue
 from quack.epilogue.ops import ColVecLoad, Scalar
 
+from ..kernel_op import kernel_op
 from . import fp8_operands
 from .gemm import TILES, aligned, folded_weight
 from .unfold_grads import unfold
@@ -53,7 +54,7 @@ def rmsnorm_grad_gemm(dzr: torch.Tensor, folded_t: torch.Tensor, dq: torch.Tenso
     return dx
 
 
-@torch.library.custom_op("coda::rmsnorm_linear_grad", mutates_args=(), device_types="cuda")
+@kernel_op("coda::rmsnorm_linear_grad")
 def rmsnorm_linear_grad(
     dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
     x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None,
@@ -84,7 +85,7 @@ def rmsnorm_dgrad_fp8(
     return dx, dz._replace(rows=None)
 
 
-@torch.library.custom_op("coda::rmsnorm_linear_grads_fp8", mutates_args=(), device_types="cuda")
+@kernel_op("coda::rmsnorm_linear_grads_fp8")
 def rmsnorm_linear_grads_fp8(
     dzr: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor, interleave: bool,
     x: torch.Tensor, zdz_r2: torch.Tensor, residual_grad: torch.Tensor | None, fp8: str,

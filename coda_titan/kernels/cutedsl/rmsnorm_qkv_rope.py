@@ -36,6 +36,7 @@ from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
 from ..fallback import fallback_recipe, report_fallback, unsupported_reason
 from ..fp8 import history_index
+from ..kernel_op import kernel_op
 from ..rmsnorm_qkv_rope import rmsnorm_qkv_rope as reference
 from . import fp8_operands
 from .gemm import TILES, aligned, folded_weight
@@ -167,7 +168,7 @@ def _compile_rope_backward_zdz(dtype, n, width):
                               rows, vector(m))
 
 
-@torch.library.custom_op("coda::rope_backward_zdz", mutates_args=(), device_types="cuda")
+@kernel_op("coda::rope_backward_zdz")
 def rope_backward_zdz(
     dqkv: torch.Tensor, qkv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor,
     rstd: torch.Tensor, nq: int, nk: int,
@@ -188,7 +189,7 @@ def _(dqkv, qkv, freqs_cis, positions, rstd, nq, nk):
     return torch.empty_like(qkv), rstd.new_empty(rstd.shape)
 
 
-@torch.library.custom_op("coda::rmsnorm_qkv_rope", mutates_args=(), device_types="cuda")
+@kernel_op("coda::rmsnorm_qkv_rope")
 def rmsnorm_qkv_rope_op(
     x: torch.Tensor, norm_weight: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
     wv: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, eps: float, keep: bool,

@@ -40,6 +40,7 @@ from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 
 from ..fallback import fallback_recipe, report_fallback, unsupported_reason
 from ..fp8 import history_index
+from ..kernel_op import kernel_op
 from ..rmsnorm_swiglu_mlp import rmsnorm_swiglu_mlp as reference
 from ..deferred_rmsnorm import row_sumsq, rstd_from_sumsq
 from . import fp8_operands
@@ -103,7 +104,7 @@ def dswiglu_drstd_gemm(dout: torch.Tensor, w2t: torch.Tensor, gu: torch.Tensor, 
     return dgu, act, partials.sum(-1)
 
 
-@torch.library.custom_op("coda::dswiglu_drstd", mutates_args=(), device_types="cuda")
+@kernel_op("coda::dswiglu_drstd")
 def dswiglu_drstd(
     dout: torch.Tensor, w2: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,7 +119,7 @@ def _(dout, w2, gu, rstd):
             dout.new_empty(m, dtype=torch.float32))
 
 
-@torch.library.custom_op("coda::rmsnorm_swiglu", mutates_args=(), device_types="cuda")
+@kernel_op("coda::rmsnorm_swiglu")
 def rmsnorm_swiglu(
     h: torch.Tensor, rstd: torch.Tensor, norm_weight: torch.Tensor, w1: torch.Tensor,
     w3: torch.Tensor, keep: bool, fp8: str | None, history: torch.Tensor | None,
@@ -144,7 +145,7 @@ def _(h, rstd, norm_weight, w1, w3, keep, fp8, history):
     return h.new_empty(m, 2 * f), h.new_empty(m, f)
 
 
-@torch.library.custom_op("coda::swiglu_down_residual", mutates_args=(), device_types="cuda")
+@kernel_op("coda::swiglu_down_residual")
 def swiglu_down_residual(
     h: torch.Tensor, act: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor,
     norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
@@ -173,7 +174,7 @@ def _backward_bf16(dout, h2d, gu, rstd, norm_weight, w1, w3, w2):
     return dh, dw2, dgu.t() @ h2d
 
 
-@torch.library.custom_op("coda::swiglu_mlp_grads_fp8", mutates_args=(), device_types="cuda")
+@kernel_op("coda::swiglu_mlp_grads_fp8")
 def swiglu_mlp_grads_fp8(
     dout: torch.Tensor, h2d: torch.Tensor, gu: torch.Tensor, rstd: torch.Tensor,
     norm_weight: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, fp8: str,

@@ -20,6 +20,7 @@ from quack.cute_dsl_utils import torch2cute_dtype_map
 from quack.reduce import row_reduce
 from quack.reduction_base import ReductionBase
 
+from ..kernel_op import kernel_op
 from .gemm import aligned
 
 VECTOR = 8  # bf16 elements per 16-byte load
@@ -125,7 +126,7 @@ def rstd_rows(x: torch.Tensor, eps: float,
     return rstd, scaled
 
 
-@torch.library.custom_op("coda::row_rstd", mutates_args=(), device_types="cuda")
+@kernel_op("coda::row_rstd")
 def row_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``rstd_from_sumsq(row_sumsq(x), D, eps)`` of a (M, D) bf16 x in one pass."""
     return rstd_rows(x, eps)[0]

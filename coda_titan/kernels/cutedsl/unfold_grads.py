@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernel_op import kernel_op
 from .fp8_operands import (CAST_BLOCK, check_indexable, check_stacked, stacked_load, stacked_rows,
                            stacked_source)
 from .triton_launch import Launched
@@ -110,7 +111,7 @@ def unfold(folded_grad: torch.Tensor, weights: list[torch.Tensor], norm_weight: 
     return grads + [dg]
 
 
-@torch.library.custom_op("coda::unfold_grads", mutates_args=(), device_types="cuda")
+@kernel_op("coda::unfold_grads")
 def unfold_grads(
     folded_grad: torch.Tensor, weights: list[torch.Tensor], norm_weight: torch.Tensor,
     interleave: bool,

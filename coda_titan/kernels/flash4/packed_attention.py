@@ -37,6 +37,7 @@ from torchtitan.models.llama3.infra.parallelize import _op_sac_save_list
 from torchtitan.models.llama3.model.model import Attention
 
 from ..fallback import report_fallback
+from ..kernel_op import kernel_op
 from ..packed_attention import packed_attention as reference
 from ..packed_attention import split_heads
 
@@ -100,7 +101,7 @@ def _gradient_buffers(qkv: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in qkv]
 
 
-@torch.library.custom_op("coda::flash4_attention", mutates_args=())
+@kernel_op("coda::flash4_attention", device_type=None)
 def flash4_attention(qkv: list[torch.Tensor], n_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: causal attention (B, S, Hq, D) of ``[packed]`` or ``[q, k, v]``
     (``split_heads``) and its row log-sum-exp (B, Hq, S) in fp32."""
@@ -118,7 +119,7 @@ def _(qkv, n_heads):
     return q.new_empty(q.shape), q.new_empty(batch, heads, seqlen, dtype=torch.float32)
 
 
-@torch.library.custom_op("coda::flash4_attention_backward", mutates_args=())
+@kernel_op("coda::flash4_attention_backward", device_type=None)
 def flash4_attention_backward(
     dout: torch.Tensor, qkv: list[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, n_heads: int
 ) -> list[torch.Tensor]:
