@@ -83,3 +83,9 @@ def test_a_redefined_op_replaces_the_first():
 def test_an_unknown_device_is_refused():
     with pytest.raises(ValueError, match="device_type must be one of"):
         kernel_op("coda_test::nowhere", device_type="tpu")(lambda x: x)
+
+
+@pytest.mark.parametrize("qualname", ["no_namespace", "coda_test::", "::name", "a::b::c"])
+def test_a_name_without_one_namespace_is_refused(qualname):
+    with pytest.raises(ValueError, match="the name must be 'namespace::name'"):
+        kernel_op(qualname)(lambda x: x)
