@@ -1,5 +1,8 @@
 """``kernel_op``: a custom op on the dispatcher with custom_op's interface (CPU)."""
 
+import importlib
+import sys
+
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -78,6 +81,25 @@ def test_a_redefined_op_replaces_the_first():
     op = define_scale_op("redefined", 2.0)
     x = torch.ones(2, 2)
     assert torch.equal(op(x, x, None, 0)[0], 2 * x)
+
+
+def test_a_redefinition_without_a_schema_leaves_the_op_working():
+    op = define_scale_op("kept", 2.0)
+
+    def unannotated(x):
+        return x
+
+    with pytest.raises(ValueError):
+        kernel_op("coda_test::kept", device_type="cpu")(unannotated)
+    x = torch.ones(2, 2)
+    assert torch.equal(op(x, x, None, 0)[0], 2 * x)
+
+
+def test_reloading_the_module_keeps_the_ops():
+    op = define_scale_op("reloaded", 3.0)
+    importlib.reload(sys.modules[kernel_op.__module__])
+    x = torch.ones(2, 2)
+    assert torch.equal(op(x, x, None, 0)[0], 3 * x)
 
 
 def test_an_unknown_device_is_refused():

@@ -11,6 +11,13 @@ interface: the schema comes from the annotations, ``register_fake`` and
 ``register_autograd`` take the same functions, and ``torch.ops`` holds it.
 Ops that mutate an argument stay ``custom_op``: it also bumps the mutated
 tensor's version counter, which autograd's saved-tensor checks read.
+
+What ``custom_op`` checks and this does not: that no output aliases an input
+(every kernel here returns fresh tensors), and that an op without a registered
+backward is not differentiated (torch's fallback warns in eager and yields no
+gradient under compile; ours without one run inside backward formulas or
+``autograd.Function`` forwards, or, ``rmsnorm_swiglu``, have their gradient
+taken by the op that consumes them).
 """
 
 import functools
@@ -22,8 +29,10 @@ import torch
 _DISPATCH_KEYS = {"cuda": "CUDA", "cpu": "CPU", None: "CompositeExplicitAutograd"}
 
 # One library per op, as custom_op keeps one, and only here: a redefined op (its
-# module reloaded) drops the old one, and its registrations with it.
-_LIBRARIES: dict[str, torch.library.Library] = {}
+# module reloaded) drops the old one, and its registrations with it. Kept across
+# a reload of this module, which would otherwise free every op's registrations
+# while their callers still hold them.
+_LIBRARIES: dict[str, torch.library.Library] = globals().get("_LIBRARIES", {})
 
 
 class KernelOp:
@@ -36,9 +45,11 @@ class KernelOp:
             raise ValueError(f"kernel_op {qualname}: device_type must be one of "
                              f"{sorted(_DISPATCH_KEYS, key=str)}, got {device_type!r}")
         namespace, name = qualname.split("::")
+        # Before the old op is dropped: a function without a schema leaves it working.
+        schema = torch.library.infer_schema(fn, mutates_args=())
         _LIBRARIES.pop(qualname, None)
         lib = _LIBRARIES[qualname] = torch.library.Library(namespace, "FRAGMENT")
-        lib.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        lib.define(name + schema)
         # Dynamo must never trace the kernel's Python, should torch.compile run
         # the op eagerly (a graph break at it), as custom_op ensures.
         lib.impl(name, torch.compiler.disable(fn), _DISPATCH_KEYS[device_type])
