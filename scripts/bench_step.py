@@ -45,14 +45,19 @@ one more step's allocations and lists the N call sites whose memory is live
 at its peak (``peak_sites`` in the record). Each step is timed from
 an idle GPU (the host syncs after each), or with --back-to-back queued behind
 the one before, as TorchTitan's loop runs them: there a step's first launches
-are hidden behind the previous step's GPU work. Writes
-benchmarks/results/step_<gpu>.{json,md}.
+are hidden behind the previous step's GPU work. --processes N runs the
+arms in N fresh processes, one after the other, and adds each arm's medians over
+them (``summary``; a ratio is taken inside each process, then its median): a
+host-bound step's GPU idle time moves between processes of one machine (8B FP8
+in session 17: 1.068-1.120x float8 over four processes), so one process is one
+draw. Writes benchmarks/results/step_<gpu>.{json,md}.
 
   python scripts/bench_step.py --flavor 1B --seq 8192 --batch 2
   python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full
   python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full --back-to-back
   python scripts/bench_step.py --arms baseline coda --coda-attention sdpa
   python scripts/bench_step.py --arms coda coda@dswiglu=128,128,2,1,1
+  python scripts/bench_step.py --flavor 8B --seq 4096 --batch 1 --ac full --processes 3
 """
 
 import argparse
@@ -60,11 +65,15 @@ import collections
 import contextlib
 import functools
 import gc
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -510,6 +519,61 @@ def _timed(arm, model, step, flavor, seq, batch, steps, warmup, ac, top_kernels,
     return record
 
 
+def child_argv(argv: list[str]) -> list[str]:
+    """``argv`` without ``--processes`` and ``--out`` (either spelling), for one process."""
+    child, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--processes", "--out"):
+            skip = True
+        elif not arg.startswith(("--processes=", "--out=")):
+            child.append(arg)
+    return child
+
+
+def run_in_processes(argv: list[str], processes: int, work: Path) -> list[dict]:
+    """The records of ``processes`` runs of this script with ``argv`` (see
+    ``child_argv``), each in a fresh process, with its index as ``process``."""
+    records = []
+    for k in range(processes):
+        out = work / f"process{k}"
+        subprocess.run([sys.executable, __file__, *argv, "--out", str(out)], check=True)
+        (path,) = out.glob("*.json")
+        records += [dict(r, process=k) for r in json.loads(path.read_text())["records"]]
+    return records
+
+
+def process_summary(records: list[dict]) -> list[dict]:
+    """Per arm over its processes: the step time's median, min and max, and the
+    median, min and max of each speedup (each taken inside its own process)."""
+    summary = []
+    for arm in dict.fromkeys(r["arm"] for r in records):
+        runs = [r for r in records if r["arm"] == arm]
+        row = dict(arm=arm, processes=len(runs))
+        for key in ("step_ms", "gpu_idle_ms", "speedup_vs_baseline", "speedup_vs_float8"):
+            values = [r[key] for r in runs if key in r]
+            if values:
+                row.update({f"{key}_median": statistics.median(values),
+                            f"{key}_min": min(values), f"{key}_max": max(values)})
+        summary.append(row)
+    return summary
+
+
+def summary_table(summary: list[dict]) -> list[str]:
+    def span(row, key, digits):
+        if f"{key}_median" not in row:
+            return "| "
+        return (f"| {row[f'{key}_median']:.{digits}f} ({row[f'{key}_min']:.{digits}f}-"
+                f"{row[f'{key}_max']:.{digits}f}) ")
+
+    return ["| arm | processes | step ms, median (min-max) | GPU idle ms | vs baseline | "
+            "vs float8 |", "|---|---|---|---|---|---|"] + [
+        f"| {row['arm']} | {row['processes']} " + span(row, "step_ms", 1)
+        + span(row, "gpu_idle_ms", 1) + span(row, "speedup_vs_baseline", 3)
+        + span(row, "speedup_vs_float8", 3) + "|" for row in summary]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--flavor", default="1B")
@@ -536,7 +600,25 @@ def main():
     parser.add_argument("--back-to-back", action="store_true",
                         help="time the steps queued back to back, as TorchTitan's loop runs "
                              "them, instead of each from an idle GPU")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="run the arms in N fresh processes and add each arm's medians")
     args = parser.parse_args()
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1, got {args.processes}")
+    title = (f"Training-step benchmark, LLaMA-3 {args.flavor}, seq {args.seq} x {args.batch}"
+             f"{'' if args.ac == 'none' else f', {args.ac} AC'}"
+             f"{', steps back to back' if args.back_to_back else ''}")
+    if args.processes > 1:
+        with tempfile.TemporaryDirectory() as work:
+            records = run_in_processes(child_argv(sys.argv[1:]), args.processes, Path(work))
+        summary = process_summary(records)
+        table = summary_table(summary)
+        print("\n".join(table))
+        write_results(args.out, f"step_{args.flavor.lower()}",
+                      f"{title}, {args.processes} processes", records,
+                      table + ["", "Each process:", "", *step_table(records, per_process=True)],
+                      summary=summary)
+        return
     records = []
     for arm in args.arms:
         rec = run_arm(arm, args.flavor, args.seq, args.batch, args.steps, args.warmup,
@@ -554,18 +636,22 @@ def main():
         base = next((r for r in records if r["arm"] == ref), None)
         for r in records if base else ():
             r[f"speedup_vs_{ref}"] = base["step_ms"] / r["step_ms"]
-    table = ["| arm | attention | step ms | tok/s | vs baseline | vs float8 | peak GiB | GEMM ms | "
-             "attention ms | other ms | GPU idle ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['arm']} | {r['attention']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
-              f"{r.get('speedup_vs_baseline', float('nan')):.3f} | "
-              f"{r.get('speedup_vs_float8', float('nan')):.3f} | {r['peak_gib']:.3f} | "
-              f"{r['profile_ms']['gemm']:.1f} | {r['profile_ms']['attention']:.1f} | "
-              f"{r['profile_ms']['other']:.1f} | {r['gpu_idle_ms']:.1f} |" for r in records]
-    write_results(args.out, f"step_{args.flavor.lower()}",
-                  f"Training-step benchmark, LLaMA-3 {args.flavor}, seq {args.seq} x {args.batch}"
-                  f"{'' if args.ac == 'none' else f', {args.ac} AC'}"
-                  f"{', steps back to back' if args.back_to_back else ''}", records, table)
+    write_results(args.out, f"step_{args.flavor.lower()}", title, records, step_table(records))
+
+
+def step_table(records: list[dict], per_process: bool = False) -> list[str]:
+    """One Markdown row per record (``per_process``: led by its process)."""
+    lead = "| process " if per_process else ""
+    table = [lead + "| arm | attention | step ms | tok/s | vs baseline | vs float8 | peak GiB | "
+             "GEMM ms | attention ms | other ms | GPU idle ms |",
+             "|---" * (11 + per_process) + "|"]
+    return table + [(f"| {r['process']} " if per_process else "")
+                    + f"| {r['arm']} | {r['attention']} | {r['step_ms']:.1f} | {r['tok_s']:.0f} | "
+                    f"{r.get('speedup_vs_baseline', float('nan')):.3f} | "
+                    f"{r.get('speedup_vs_float8', float('nan')):.3f} | {r['peak_gib']:.3f} | "
+                    f"{r['profile_ms']['gemm']:.1f} | {r['profile_ms']['attention']:.1f} | "
+                    f"{r['profile_ms']['other']:.1f} | {r['gpu_idle_ms']:.1f} |"
+                    for r in records]
 
 if __name__ == "__main__":
     main()

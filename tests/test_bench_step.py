@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))  # bench_step imports its sibling bench_results
 _spec = importlib.util.spec_from_file_location("bench_step", SCRIPTS / "bench_step.py")
@@ -158,3 +160,60 @@ def test_live_at_peak_of_a_step_that_frees_more_than_it_allocates():
     result = bench_step.live_at_peak(trace, base=1000, top=3)
     assert result["event"] is None and result["at"] is None and result["sites"] == []
     assert bench_step.site([]) == "native"
+
+
+def test_a_process_gets_the_arguments_but_processes_and_out():
+    argv = ["--flavor", "8B", "--processes", "3", "--out", "x", "--arms", "coda", "float8",
+            "--processes=2", "--out=y", "--ac", "full"]
+    assert bench_step.child_argv(argv) == ["--flavor", "8B", "--arms", "coda", "float8",
+                                           "--ac", "full"]
+
+
+def _record(arm, step_ms, process, **ratios):
+    return dict(arm=arm, attention="flash4", step_ms=step_ms, tok_s=4096 / step_ms * 1e3,
+                peak_gib=60.0, profile_ms=dict(gemm=1.0, attention=2.0, other=3.0),
+                gpu_idle_ms=step_ms / 10, process=process, **ratios)
+
+
+def test_the_summary_takes_each_arms_medians_of_the_ratios_each_process_measured():
+    records = [_record("coda", 340.0, 0, speedup_vs_float8=1.12),
+               _record("float8", 380.8, 0, speedup_vs_float8=1.0),
+               _record("coda", 360.0, 1, speedup_vs_float8=1.07),
+               _record("float8", 385.2, 1, speedup_vs_float8=1.0),
+               _record("coda", 345.0, 2, speedup_vs_float8=1.11),
+               _record("float8", 383.0, 2, speedup_vs_float8=1.0)]
+    coda, float8 = bench_step.process_summary(records)
+    assert coda["arm"] == "coda" and coda["processes"] == 3
+    assert (coda["step_ms_median"], coda["step_ms_min"], coda["step_ms_max"]) == (345.0, 340.0,
+                                                                                  360.0)
+    assert (coda["speedup_vs_float8_median"], coda["speedup_vs_float8_min"]) == (1.11, 1.07)
+    assert "speedup_vs_baseline_median" not in coda and float8["step_ms_median"] == 383.0
+    table = bench_step.summary_table([coda, float8])
+    assert table[2] == "| coda | 3 | 345.0 (340.0-360.0) | 34.5 (34.0-36.0) | | 1.110 (1.070-1.120) |"
+    per_process = bench_step.step_table(records, per_process=True)
+    assert per_process[1] == "|---" * 12 + "|" and per_process[2].startswith("| 0 | coda |")
+
+
+def test_each_process_runs_the_script_and_its_records_are_kept(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(cmd, check):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        k = len(calls) - 1
+        (out / "step_8b_h200.json").write_text(bench_step.json.dumps(
+            dict(meta={}, records=[dict(arm="coda", step_ms=340.0 + k)])))
+
+    monkeypatch.setattr(bench_step.subprocess, "run", fake_run)
+    records = bench_step.run_in_processes(["--flavor", "8B"], 2, tmp_path)
+    assert [c[1:4] for c in calls] == [[bench_step.__file__, "--flavor", "8B"]] * 2
+    assert records == [dict(arm="coda", step_ms=340.0, process=0),
+                       dict(arm="coda", step_ms=341.0, process=1)]
+
+
+def test_fewer_than_one_process_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(bench_step.sys, "argv", ["bench_step.py", "--processes", "0"])
+    with pytest.raises(SystemExit):
+        bench_step.main()
+    assert "--processes must be at least 1, got 0" in capsys.readouterr().err
