@@ -39,12 +39,12 @@ class KernelOp:
     """One op ``namespace::name`` with ``fn`` as its kernel on ``device_type``."""
 
     def __init__(self, qualname: str, fn: Callable, device_type: str | None):
-        if qualname.count("::") != 1 or not all(qualname.split("::")):
+        namespace, _, name = qualname.partition("::")
+        if not namespace or not name or "::" in name:
             raise ValueError(f"kernel_op {qualname!r}: the name must be 'namespace::name'")
         if device_type not in _DISPATCH_KEYS:
             raise ValueError(f"kernel_op {qualname}: device_type must be one of "
                              f"{sorted(_DISPATCH_KEYS, key=str)}, got {device_type!r}")
-        namespace, name = qualname.split("::")
         # Before the old op is dropped: a function without a schema leaves it working.
         schema = torch.library.infer_schema(fn, mutates_args=())
         _LIBRARIES.pop(qualname, None)
