@@ -1,7 +1,10 @@
-"""Offline training data for TorchTitan: real English text that ships with CPython.
+"""Offline training data for TorchTitan: real text that ships with Python.
 
-No files are stored in the repository and nothing is downloaded: the corpus is
-built at run time from two sources that every CPython installation carries.
+No files are stored in the repository and nothing is downloaded: the corpora are
+built at run time from what the Python installation carries.  There are two.
+
+The docstring corpus (``coda_offline``, English prose) has two sources that every
+CPython installation carries.
 
 1. ``pydoc_data.topics.topics`` -- the Python documentation topics that
    ``help()`` shows (the language reference: ``if``, ``try``, data model,
@@ -40,10 +43,23 @@ BOS/EOS (add 2 per document when packed by TorchTitan):
 1,235,999 chars; ~3.2 chars per token.  Other Python versions give somewhat
 different numbers; building the corpus takes ~1-2 s and is cached per process.)
 
-Registered TorchTitan datasets (``register_offline_dataset()``):
+The source corpus (``coda_offline_source``) holds whole ``.py`` files: the
+stdlib's (tests included) and those of every ``site-packages`` directory on
+``sys.path``, one document per file of 200 characters to 256 KiB (larger files
+are generated tables), exact duplicates dropped.  Files are ordered by the
+crc32 of their path below their root, so that packages interleave.  It exists
+because the docstring corpus is small: a 1000-step run at 16384 tokens a step
+(the 1B configs) passes over it some thirty times and measures memorisation.
+The stdlib alone holds ~11.6M tokens (CPython 3.11); with site-packages an
+environment with torch holds tens of millions.  It depends on the installed
+packages, so compare runs made in one environment.  The text is under its
+packages' licenses; it is read, not redistributed.
 
-* ``"coda_offline"`` -- the training 95%;
-* ``"coda_offline_validation"`` -- the held-out 5%.
+Registered TorchTitan datasets (``register_offline_dataset()``), each corpus
+split ~95/5 by content hash:
+
+* ``"coda_offline"`` and ``"coda_offline_validation"``;
+* ``"coda_offline_source"`` and ``"coda_offline_source_validation"``.
 
 Both loaders return a map-style :class:`datasets.Dataset` with a single
 ``"text"`` column, so TorchTitan's ``HuggingFaceTextDataset`` can checkpoint and
@@ -61,7 +77,9 @@ from __future__ import annotations
 import ast
 import functools
 import gc
+import logging
 import os
+import sys
 import sysconfig
 import zlib
 from typing import Any, Iterator
@@ -72,6 +90,9 @@ __all__ = [
     "VOCAB_SIZE",
     "DATASET_NAME",
     "VALIDATION_DATASET_NAME",
+    "SOURCE_DATASET_NAME",
+    "SOURCE_VALIDATION_DATASET_NAME",
+    "CORPORA",
     "DATASET_PATH",
     "TOKENIZER_DIR",
     "offline_documents",
@@ -90,6 +111,9 @@ VOCAB_SIZE = 2048
 
 DATASET_NAME = "coda_offline"
 VALIDATION_DATASET_NAME = "coda_offline_validation"
+SOURCE_DATASET_NAME = "coda_offline_source"
+SOURCE_VALIDATION_DATASET_NAME = "coda_offline_source_validation"
+CORPORA = ("docstrings", "source")
 # Descriptive only: the loaders ignore the path they are given.
 DATASET_PATH = "python-stdlib"
 
@@ -101,7 +125,13 @@ MIN_DOCSTRING_CHARS = 200
 # A document goes to validation when crc32(text) % VALIDATION_MODULUS == 0 (~5%).
 VALIDATION_MODULUS = 20
 
+MIN_SOURCE_CHARS = 200
+MAX_SOURCE_CHARS = 256 * 1024
+
 _SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
+# site-packages directories are roots of their own (when on sys.path), so the
+# stdlib walk leaves out the one inside it.
+_SOURCE_SKIP_DIRS = frozenset({"site-packages", "__pycache__"})
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 # Nodes that can (transitively) contain class/function definitions.
 _CONTAINER_NODES = (ast.stmt, ast.excepthandler, ast.match_case)
@@ -123,19 +153,55 @@ def _topic_documents() -> list[str]:
     return docs
 
 
-def _stdlib_source_files() -> list[str]:
-    """Paths of the stdlib's .py files, sorted by POSIX path relative to the root."""
-    root = sysconfig.get_paths()["stdlib"]
+def _py_files(root: str, skip: frozenset[str]) -> list[tuple[str, str]]:
+    """(POSIX path relative to ``root``, path) of every .py file below ``root``."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        dirnames[:] = [d for d in dirnames if d not in skip]
         for name in filenames:
             if name.endswith(".py"):
                 path = os.path.join(dirpath, name)
-                rel = os.path.relpath(path, root).replace(os.sep, "/")
-                found.append((rel, path))
-    found.sort()
-    return [path for _, path in found]
+                found.append((os.path.relpath(path, root).replace(os.sep, "/"), path))
+    return found
+
+
+def _stdlib_source_files() -> list[str]:
+    """Paths of the stdlib's .py files, sorted by POSIX path relative to the root."""
+    return [path for _, path in sorted(_py_files(sysconfig.get_paths()["stdlib"], _SKIP_DIRS))]
+
+
+def _source_roots() -> list[str]:
+    """The stdlib, then every site-packages directory on ``sys.path``, once each."""
+    candidates = [sysconfig.get_paths()["stdlib"]] + [
+        p for p in sys.path if os.path.basename(os.path.normpath(p)) in ("site-packages", "dist-packages")
+    ]
+    roots = []
+    for path in candidates:
+        real = os.path.realpath(path)
+        if os.path.isdir(real) and real not in roots:
+            roots.append(real)
+    return roots
+
+
+def _source_documents(roots: list[str]) -> list[str]:
+    """Whole .py files below ``roots`` of MIN_SOURCE_CHARS to MAX_SOURCE_CHARS,
+    ordered by (crc32 of the relative path, relative path)."""
+    found = [f for root in roots for f in _py_files(root, _SOURCE_SKIP_DIRS)]
+    found.sort(key=lambda f: (zlib.crc32(f[0].encode("utf-8")), f[0]))
+    docs = []
+    for _, path in found:
+        try:
+            # Bytes bound chars from above, so a generated table is skipped unread.
+            if os.path.getsize(path) < MIN_SOURCE_CHARS:
+                continue
+            with open(path, "rb") as f:
+                raw = f.read(4 * MAX_SOURCE_CHARS + 1)
+        except OSError:
+            continue
+        text = raw.decode("utf-8", errors="replace").strip()
+        if MIN_SOURCE_CHARS <= len(text) <= MAX_SOURCE_CHARS:
+            docs.append(text)
+    return docs
 
 
 def _iter_doc_nodes(node: ast.AST) -> Iterator[ast.AST]:
@@ -179,18 +245,28 @@ def _file_docstrings(path: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def offline_documents() -> list[str]:
-    """All corpus documents (topics, then stdlib docstrings), deduplicated.
+def offline_documents(corpus: str = "docstrings") -> list[str]:
+    """All documents of a corpus, deduplicated: ``"docstrings"`` (topics, then
+    stdlib docstrings) or ``"source"`` (whole .py files of the installation).
 
     Deterministic for a given Python installation.  Cached: the same list
     object is returned on every call, so do not mutate it.
     """
+    if corpus == "docstrings":
+        candidates = _topic_documents() + _docstring_documents()
+    elif corpus == "source":
+        candidates = _source_documents(_source_roots())
+    else:
+        raise ValueError(f"unknown corpus {corpus!r}; expected one of {CORPORA}")
     seen: set[str] = set()
     docs = []
-    for doc in _topic_documents() + _docstring_documents():
+    for doc in candidates:
         if doc not in seen:
             seen.add(doc)
             docs.append(doc)
+    logging.getLogger(__name__).info(
+        "coda_offline %s corpus: %d documents, %d chars", corpus, len(docs), sum(map(len, docs))
+    )
     return docs
 
 
@@ -200,18 +276,18 @@ def is_validation_document(doc: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _split(validation: bool) -> tuple[str, ...]:
-    return tuple(d for d in offline_documents() if is_validation_document(d) == validation)
+def _split(corpus: str, validation: bool) -> tuple[str, ...]:
+    return tuple(d for d in offline_documents(corpus) if is_validation_document(d) == validation)
 
 
-def train_documents() -> list[str]:
-    """The ~95% of documents used by the ``coda_offline`` dataset."""
-    return list(_split(False))
+def train_documents(corpus: str = "docstrings") -> list[str]:
+    """The ~95% of a corpus's documents that its training dataset holds."""
+    return list(_split(corpus, False))
 
 
-def validation_documents() -> list[str]:
-    """The ~5% of documents used by the ``coda_offline_validation`` dataset."""
-    return list(_split(True))
+def validation_documents(corpus: str = "docstrings") -> list[str]:
+    """The ~5% of a corpus's documents that its validation dataset holds."""
+    return list(_split(corpus, True))
 
 
 # --------------------------------------------------------------------------
@@ -219,21 +295,21 @@ def validation_documents() -> list[str]:
 # --------------------------------------------------------------------------
 
 
-def load_offline_dataset(path: str | None = None, split: str = "train"):
+def load_offline_dataset(path: str | None = None, split: str = "train", corpus: str = "docstrings"):
     """Map-style ``datasets.Dataset`` with a ``"text"`` column.
 
     ``path`` is ignored (TorchTitan passes ``DatasetConfig.path`` or
     ``--training.dataset_path``); ``split`` is ``"train"``, ``"validation"``
-    or ``"all"``.
+    or ``"all"``; ``corpus`` is one of CORPORA.
     """
     from datasets import Dataset
 
     if split == "train":
-        docs = train_documents()
+        docs = train_documents(corpus)
     elif split == "validation":
-        docs = validation_documents()
+        docs = validation_documents(corpus)
     elif split == "all":
-        docs = list(offline_documents())
+        docs = list(offline_documents(corpus))
     else:
         raise ValueError(f"unknown split {split!r}; expected train, validation or all")
     return Dataset.from_dict({"text": docs})
@@ -247,31 +323,34 @@ def _process_text(sample: dict[str, Any]) -> str:
 def _dataset_configs() -> dict[str, Any]:
     from torchtitan.hf_datasets import DatasetConfig
 
+    splits = {
+        DATASET_NAME: ("docstrings", "train"),
+        VALIDATION_DATASET_NAME: ("docstrings", "validation"),
+        SOURCE_DATASET_NAME: ("source", "train"),
+        SOURCE_VALIDATION_DATASET_NAME: ("source", "validation"),
+    }
     return {
-        DATASET_NAME: DatasetConfig(
-            path=DATASET_PATH, loader=functools.partial(load_offline_dataset, split="train"),
-            sample_processor=_process_text,
-        ),
-        VALIDATION_DATASET_NAME: DatasetConfig(
+        name: DatasetConfig(
             path=DATASET_PATH,
-            loader=functools.partial(load_offline_dataset, split="validation"),
+            loader=functools.partial(load_offline_dataset, split=split, corpus=corpus),
             sample_processor=_process_text,
-        ),
+        )
+        for name, (corpus, split) in splits.items()
     }
 
 
-def register_offline_dataset() -> tuple[str, str]:
-    """Add ``coda_offline`` and ``coda_offline_validation`` to TorchTitan's
-    ``torchtitan.hf_datasets.text_datasets.DATASETS``.  Idempotent.
+def register_offline_dataset() -> tuple[str, ...]:
+    """Add the ``coda_offline`` datasets (both corpora, training and validation)
+    to TorchTitan's ``torchtitan.hf_datasets.text_datasets.DATASETS``.  Idempotent.
 
-    Building the corpus is deferred until a dataset is actually loaded.
-    Returns the two registered names.
+    Building a corpus is deferred until its dataset is actually loaded.
+    Returns the registered names.
     """
     from torchtitan.hf_datasets.text_datasets import DATASETS
 
     for name, config in _dataset_configs().items():
         DATASETS[name] = config
-    return DATASET_NAME, VALIDATION_DATASET_NAME
+    return tuple(_dataset_configs())
 
 
 def load_tokenizer(path: str | None = None):

@@ -67,6 +67,68 @@ def test_corpus_cached_and_deterministic(docs):
     assert rebuilt == docs
 
 
+def _write(root, rel, text):
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_source_documents(tmp_path):
+    """Whole files within the size bounds, ordered by the crc32 of the path
+    below each root; caches, nested site-packages and non-.py files left out."""
+    import zlib
+
+    stdlib, site = tmp_path / "lib", tmp_path / "site-packages"
+    body = "def f():\n    return 1\n" * 20
+    kept = {
+        ("lib", "os.py"): body + "# os\n",
+        ("lib", "email/parser.py"): body + "# parser\n",
+        ("site", "pkg/__init__.py"): body + "# pkg\n",
+        ("site", "pkg/sub/mod.py"): "x = 1\n" * (data.MAX_SOURCE_CHARS // 6),
+    }
+    for (root, rel), text in kept.items():
+        _write(stdlib if root == "lib" else site, rel, text)
+    _write(stdlib, "tiny.py", "x = 1\n")
+    _write(stdlib, "table.py", "x" * (data.MAX_SOURCE_CHARS + 1))
+    _write(stdlib, "__pycache__/os.py", body)
+    _write(stdlib, "site-packages/other.py", body)
+    _write(stdlib, "notes.txt", body)
+
+    docs = data._source_documents([str(stdlib), str(site)])
+    order = sorted(kept, key=lambda k: (zlib.crc32(k[1].encode()), k[1]))
+    assert docs == [kept[k].strip() for k in order]
+
+
+def test_source_roots(tmp_path, monkeypatch):
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    (tmp_path / "repo").mkdir()
+    link = tmp_path / "link" / "site-packages"
+    link.parent.mkdir()
+    link.symlink_to(site)
+    monkeypatch.setattr(
+        sys, "path", [str(tmp_path / "repo"), str(site), str(link) + "/", str(tmp_path / "dist-packages")]
+    )
+    import sysconfig
+
+    assert data._source_roots() == [os.path.realpath(sysconfig.get_paths()["stdlib"]), str(site)]
+
+
+def test_source_corpus():
+    docs = data.offline_documents("source")
+    assert data.offline_documents("source") is docs
+    assert len(set(docs)) == len(docs)
+    assert all(data.MIN_SOURCE_CHARS <= len(d) <= data.MAX_SOURCE_CHARS for d in docs)
+    # The stdlib alone is ~30 MB of source: far more than the docstring corpus.
+    assert sum(map(len, docs)) > 20 * sum(map(len, data.offline_documents()))
+    assert any(d.startswith('"""Common operations on Posix pathnames.') for d in docs)
+
+
+def test_unknown_corpus():
+    with pytest.raises(ValueError, match="unknown corpus 'wiki'"):
+        data.offline_documents("wiki")
+
+
 def test_train_validation_split(docs):
     train = data.train_documents()
     val = data.validation_documents()
@@ -85,11 +147,15 @@ def test_registration_idempotent(registered):
     from torchtitan.hf_datasets import DatasetConfig
 
     before = dict(registered)
-    assert data.register_offline_dataset() == ("coda_offline", "coda_offline_validation")
+    assert data.register_offline_dataset() == (
+        "coda_offline", "coda_offline_validation", "coda_offline_source", "coda_offline_source_validation"
+    )
     assert dict(registered) == before
     for name, n in (
         ("coda_offline", len(data.train_documents())),
         ("coda_offline_validation", len(data.validation_documents())),
+        ("coda_offline_source", len(data.train_documents("source"))),
+        ("coda_offline_source_validation", len(data.validation_documents("source"))),
     ):
         config = registered[name]
         assert isinstance(config, DatasetConfig)
@@ -104,7 +170,7 @@ def _take(ds, n):
     return [next(it) for _ in range(n)]
 
 
-@pytest.mark.parametrize("name", ["coda_offline", "coda_offline_validation"])
+@pytest.mark.parametrize("name", ["coda_offline", "coda_offline_validation", "coda_offline_source"])
 def test_text_dataset_yields_samples(registered, tokenizer, name):
     import torch
     from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
