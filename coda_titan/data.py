@@ -191,7 +191,9 @@ def _source_documents(roots: list[str]) -> list[str]:
     docs = []
     for _, path in found:
         try:
-            # Bytes bound chars from above, so a generated table is skipped unread.
+            # A UTF-8 file has at most as many chars as bytes and at least a
+            # quarter as many: a file under MIN bytes is skipped unread, and
+            # 4 * MAX + 1 bytes decide the upper bound without reading a huge one whole.
             if os.path.getsize(path) < MIN_SOURCE_CHARS:
                 continue
             with open(path, "rb") as f:
