@@ -246,7 +246,6 @@ def _file_docstrings(path: str) -> list[str]:
     return docs
 
 
-@functools.lru_cache(maxsize=None)
 def offline_documents(corpus: str = "docstrings") -> list[str]:
     """All documents of a corpus, deduplicated: ``"docstrings"`` (topics, then
     stdlib docstrings) or ``"source"`` (whole .py files of the installation).
@@ -254,6 +253,13 @@ def offline_documents(corpus: str = "docstrings") -> list[str]:
     Deterministic for a given Python installation.  Cached: the same list
     object is returned on every call, so do not mutate it.
     """
+    return _documents(corpus)
+
+
+# Cached apart from offline_documents, whose default argument would otherwise
+# key a second copy of the corpus beside the one the datasets name explicitly.
+@functools.lru_cache(maxsize=None)
+def _documents(corpus: str) -> list[str]:
     if corpus == "docstrings":
         candidates = _topic_documents() + _docstring_documents()
     elif corpus == "source":

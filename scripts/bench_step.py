@@ -653,5 +653,6 @@ def step_table(records: list[dict], per_process: bool = False) -> list[str]:
                     f"{r['profile_ms']['other']:.1f} | {r['gpu_idle_ms']:.1f} |"
                     for r in records]
 
+
 if __name__ == "__main__":
     main()

@@ -62,7 +62,7 @@ def test_corpus_nonempty(docs):
 
 def test_corpus_cached_and_deterministic(docs):
     assert data.offline_documents() is docs
-    rebuilt = data.offline_documents.__wrapped__()
+    rebuilt = data._documents.__wrapped__("docstrings")
     assert rebuilt is not docs
     assert rebuilt == docs
 
